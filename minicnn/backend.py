@@ -1,0 +1,156 @@
+"""Array backend: one code path for NumPy (CPU) and CuPy (GPU).
+
+Every layer finds the array module of its input with :func:`get_array_module`
+(Chainer's ``xp`` idiom), so the same ``forward``/``backward`` runs on either
+device; nothing in the layers ever asks "am I on the GPU?".
+
+The *active* backend only matters where arrays are created from nothing:
+parameter initialisation, data batches moved to the device and the random
+streams used by dropout and augmentation.
+
+    >>> import minicnn
+    >>> minicnn.set_backend("numpy")       # or "cupy"
+    >>> minicnn.seed(0)                    # seeds NumPy, and CuPy when active
+    >>> minicnn.set_default_dtype("float64")  # for gradient checks
+
+``import minicnn`` never imports CuPy; asking for it where it is missing
+raises :class:`BackendUnavailableError` with the install command.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "BackendUnavailableError",
+    "set_backend",
+    "get_backend",
+    "get_xp",
+    "get_array_module",
+    "to_device",
+    "to_host",
+    "seed",
+    "get_seed",
+    "random_state",
+    "set_default_dtype",
+    "get_default_dtype",
+    "cupy_available",
+]
+
+_BACKENDS = ("numpy", "cupy")
+_state = {"name": "numpy", "xp": np, "dtype": np.dtype(np.float32), "seed": 0}
+_random_states: dict = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when the CuPy backend is requested but CuPy or a GPU is missing."""
+
+
+def _import_cupy():
+    try:
+        import cupy  # noqa: PLC0415  (imported lazily on purpose)
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        raise BackendUnavailableError(
+            "the 'cupy' backend needs CuPy, which is not installed: "
+            "pip install 'minicnn[gpu]' (CUDA 12) or pip install cupy-cuda13x (CUDA 13)"
+        ) from exc
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        raise BackendUnavailableError(f"CuPy is installed but no CUDA device is usable: {exc}") from exc
+    if count == 0:  # pragma: no cover
+        raise BackendUnavailableError("CuPy is installed but no CUDA device was found")
+    return cupy
+
+
+def cupy_available() -> bool:
+    """True when CuPy imports and sees at least one GPU (never raises)."""
+    try:
+        _import_cupy()
+    except BackendUnavailableError:
+        return False
+    return True
+
+
+def set_backend(name: str):
+    """Make ``"numpy"`` or ``"cupy"`` the active backend and return its module."""
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: expected one of {_BACKENDS}")
+    xp = np if name == "numpy" else _import_cupy()
+    _state["name"], _state["xp"] = name, xp
+    return xp
+
+
+def get_backend() -> str:
+    """Name of the active backend: ``"numpy"`` or ``"cupy"``."""
+    return _state["name"]
+
+
+def get_xp():
+    """The array module of the active backend (``numpy`` or ``cupy``)."""
+    return _state["xp"]
+
+
+def get_array_module(*arrays):
+    """The array module (``numpy`` or ``cupy``) that owns ``arrays``.
+
+    Falls back to NumPy for host arrays and Python scalars, and never imports
+    CuPy unless one of the arrays already is a CuPy array.
+    """
+    for a in arrays:
+        if type(a).__module__.split(".")[0] == "cupy":
+            import cupy  # noqa: PLC0415
+
+            return cupy
+    return np
+
+
+def to_device(x, dtype=None):
+    """Copy ``x`` to the active backend (no copy when it is already there)."""
+    xp = get_xp()
+    if xp is np:
+        x = to_host(x)
+        return x if dtype is None else x.astype(dtype, copy=False)
+    return xp.asarray(x, dtype=dtype)
+
+
+def to_host(x):
+    """Return ``x`` as a NumPy array (copying from the GPU if needed)."""
+    if get_array_module(x) is not np:
+        return x.get()
+    return np.asarray(x)
+
+
+def set_default_dtype(dtype) -> None:
+    """Dtype of new parameters: float32 (default) or float64 (for gradient checks)."""
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"default dtype must be float32 or float64, got {dtype}")
+    _state["dtype"] = dtype
+
+
+def get_default_dtype() -> np.dtype:
+    return _state["dtype"]
+
+
+def seed(value: int) -> None:
+    """Seed the random streams of every backend (initialisation, dropout, augmentation)."""
+    _state["seed"] = int(value)
+    _random_states.clear()
+
+
+def get_seed() -> int:
+    return _state["seed"]
+
+
+def random_state(xp=None):
+    """The seeded ``RandomState`` of backend ``xp`` (default: the active one).
+
+    NumPy and CuPy both offer ``RandomState`` with the same methods
+    (``rand``, ``randn``, ``randint``, ``uniform``, ``permutation``), so code
+    that draws from it is backend-generic.
+    """
+    xp = get_xp() if xp is None else xp
+    key = xp.__name__
+    if key not in _random_states:
+        _random_states[key] = xp.random.RandomState(_state["seed"])
+    return _random_states[key]

@@ -1,0 +1,136 @@
+"""The two building blocks of every network: :class:`Layer` and :class:`Container`.
+
+A layer is a small object in the manner of "Deep Learning from Scratch":
+
+* ``forward(x, training=True)`` computes the output and keeps on ``self``
+  whatever ``backward`` will need (its *cache*);
+* ``backward(dout)`` takes dL/d(output), returns dL/d(input) and fills
+  ``self.grads`` with dL/d(parameter) under the same keys as ``self.params``.
+
+``params`` hold the trainable arrays, ``buffers`` the non-trainable state that
+is saved with the model (BatchNorm's running statistics). Parameters are
+always updated *in place* (``W -= lr * dW``), so any dict that refers to them
+stays valid; that is what lets a :class:`Container` expose its children's
+parameters under prefixed names without copying them.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+__all__ = ["Layer", "Container"]
+
+
+def _shape_str(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+class Layer:
+    """Base class: a differentiable function with optional parameters."""
+
+    def __init__(self) -> None:
+        self.params: dict = {}
+        self.grads: dict = {}
+        self.buffers: dict = {}
+
+    # -- the two methods every layer implements -----------------------------
+    def forward(self, x, training: bool = True):
+        raise NotImplementedError
+
+    def backward(self, dout):
+        raise NotImplementedError
+
+    def __call__(self, x, training: bool = True):
+        return self.forward(x, training)
+
+    # -- helpers --------------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def children(self) -> Iterator[tuple[str, "Layer"]]:
+        """(name, layer) of direct sub-layers; none for a plain layer."""
+        return iter(())
+
+    def num_params(self) -> tuple[int, int]:
+        """(trainable, non-trainable) element counts."""
+        trainable = sum(int(p.size) for p in self.params.values())
+        frozen = sum(int(b.size) for b in self.buffers.values())
+        return trainable, frozen
+
+    def astype(self, dtype) -> "Layer":
+        """Cast every parameter and buffer to ``dtype`` (e.g. float64 for checks)."""
+        for store in (self.params, self.buffers):
+            for k in list(store):
+                if hasattr(store[k], "astype") and store[k].dtype.kind == "f":
+                    store[k] = store[k].astype(dtype)
+        self.grads = {}
+        return self
+
+    def to(self, backend_xp) -> "Layer":
+        """Move parameters and buffers to the array module ``backend_xp``."""
+        from ..backend import to_host  # noqa: PLC0415
+
+        for store in (self.params, self.buffers):
+            for k in list(store):
+                host = to_host(store[k])
+                store[k] = host if backend_xp.__name__ == "numpy" else backend_xp.asarray(host)
+        self.grads = {}
+        return self
+
+    def _bad_input(self, expected: str, x) -> ValueError:
+        """A ValueError naming this layer, the expected and the received shape."""
+        return ValueError(f"{self!r}: expected input of shape {expected}, got {_shape_str(x.shape)}")
+
+
+class Container(Layer):
+    """A layer made of named sub-layers.
+
+    ``params``, ``grads`` and ``buffers`` are views that merge the children's
+    dicts under ``"<child>.<key>"`` names; ``astype``/``to`` recurse.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._children: dict[str, Layer] = {}
+
+    def add(self, name: str, layer: Layer) -> Layer:
+        if not isinstance(layer, Layer):
+            raise TypeError(f"{name!r} must be a minicnn Layer, got {type(layer).__name__}")
+        self._children[name] = layer
+        return layer
+
+    def children(self):
+        return iter(self._children.items())
+
+    def _merged(self, attr: str) -> dict:
+        merged = {}
+        for cname, child in self._children.items():
+            for k, v in getattr(child, attr).items():
+                merged[f"{cname}.{k}"] = v
+        return merged
+
+    # Plain layers set these attributes in __init__; here they are computed.
+    params = property(lambda self: self._merged("params"), lambda self, v: None)
+    grads = property(lambda self: self._merged("grads"), lambda self, v: None)
+    buffers = property(lambda self: self._merged("buffers"), lambda self, v: None)
+
+    def astype(self, dtype):
+        for _, child in self.children():
+            child.astype(dtype)
+        return self
+
+    def to(self, backend_xp):
+        for _, child in self.children():
+            child.to(backend_xp)
+        return self
+
+    def assign(self, attr: str, name: str, value) -> None:
+        """Replace the array ``name`` of ``params`` or ``buffers`` in the owning child."""
+        head, _, rest = name.partition(".")
+        child = self._children[head]
+        if isinstance(child, Container):
+            child.assign(attr, rest, value)
+        else:
+            getattr(child, attr)[rest] = value

@@ -1,0 +1,147 @@
+"""Pooling layers: max, average and global average, NCHW.
+
+Both windowed poolings loop over the KH*KW *kernel offsets* (4 for the usual
+2x2 pool), never over batch items or positions: for offset (u, v) the strided
+slice ``xpad[:, :, u::sh, v::sw]`` (cut to OH x OW) holds that element of every
+window at once, so each step is one vectorised operation on an (N, C, OH, OW)
+array. Backward scatters with the same slices, the way col2im does.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import get_array_module
+from .base import Layer
+from .conv import _pad, conv_output_size, pair
+
+__all__ = ["MaxPool2D", "AvgPool2D", "GlobalAvgPool2D"]
+
+
+class _Pool2D(Layer):
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        self.stride = self.kernel_size if stride is None else pair(stride, "stride")
+        self.padding = pair(padding, "padding")
+        kh, kw = self.kernel_size
+        if min(self.kernel_size) < 1 or min(self.stride) < 1:
+            raise ValueError(f"{type(self).__name__}: kernel_size and stride must be >= 1")
+        if self.padding[0] > kh // 2 or self.padding[1] > kw // 2 or min(self.padding) < 0:
+            raise ValueError(
+                f"{type(self).__name__}: padding {self.padding} must be between 0 and half the kernel {self.kernel_size}"
+            )
+
+    def extra_repr(self):
+        s = f"kernel_size={self.kernel_size}, stride={self.stride}"
+        return s + (f", padding={self.padding}" if self.padding != (0, 0) else "")
+
+    def output_shape(self, h, w):
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        return conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
+
+    def _offsets(self, x, pad_value):
+        """Padded input and, per kernel offset, the (N, C, OH, OW) slice it contributes."""
+        if x.ndim != 4:
+            raise self._bad_input("(N, C, H, W)", x)
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        if x.shape[2] + 2 * ph < kh or x.shape[3] + 2 * pw < kw:
+            raise ValueError(
+                f"{self!r}: kernel ({kh}, {kw}) is larger than the padded input "
+                f"({x.shape[2] + 2 * ph}, {x.shape[3] + 2 * pw}) of input shape {tuple(x.shape)}"
+            )
+        oh, ow = self.output_shape(x.shape[2], x.shape[3])
+        self._slices = [
+            (slice(None), slice(None), slice(u, u + sh * (oh - 1) + 1, sh), slice(v, v + sw * (ow - 1) + 1, sw))
+            for u in range(kh)
+            for v in range(kw)
+        ]
+        return _pad(x, ph, pw, pad_value)
+
+    def _unpad(self, dxpad, x_shape):
+        ph, pw = self.padding
+        if ph == 0 and pw == 0:
+            return dxpad
+        return dxpad[:, :, ph : ph + x_shape[2], pw : pw + x_shape[3]]
+
+
+class MaxPool2D(_Pool2D):
+    """Max pooling (padding with -inf, as PyTorch). ``stride`` defaults to ``kernel_size``.
+
+    Shapes: x (N, C, H, W) -> out (N, C, OH, OW), OH = (H + 2p - k) // s + 1.
+
+    Forward:  out[n, c, i, j] = max of the window; ``arg`` keeps which offset won
+              (the first one on ties, as PyTorch).
+    Backward: the whole upstream gradient of a window goes to its arg-max:
+              dx[n, c, y, x] = sum over windows whose arg-max is (y, x) of dout.
+    """
+
+    def forward(self, x, training=True):
+        xp = get_array_module(x)
+        xpad = self._offsets(x, -np.inf)
+        out, arg = None, None
+        for k, sl in enumerate(self._slices):
+            view = xpad[sl]
+            if out is None:
+                out = view.copy()
+                arg = xp.zeros(out.shape, dtype=np.uint8)
+                continue
+            better = view > out  # strict: the first maximum wins ties
+            xp.maximum(out, view, out=out)
+            arg[better] = k
+        self.cache = (x.shape, xpad.shape, arg)
+        return out
+
+    def backward(self, dout):
+        xp = get_array_module(dout)
+        x_shape, padded_shape, arg = self.cache
+        dxpad = xp.zeros(padded_shape, dtype=dout.dtype)
+        zero = dout.dtype.type(0)
+        for k, sl in enumerate(self._slices):
+            dxpad[sl] += xp.where(arg == k, dout, zero)
+        self.cache = None
+        return self._unpad(dxpad, x_shape)
+
+
+class AvgPool2D(_Pool2D):
+    """Average pooling (zero padding counted in the average, as PyTorch's default).
+
+    Shapes: x (N, C, H, W) -> out (N, C, OH, OW).
+    Forward:  out[n, c, i, j] = mean of the (KH, KW) window.
+    Backward: every input in a window receives dout[n, c, i, j] / (KH * KW).
+    """
+
+    def forward(self, x, training=True):
+        xpad = self._offsets(x, 0.0)
+        out = None
+        for sl in self._slices:
+            out = xpad[sl].copy() if out is None else out + xpad[sl]
+        self.cache = (x.shape, xpad.shape)
+        return out * out.dtype.type(1.0 / len(self._slices))
+
+    def backward(self, dout):
+        xp = get_array_module(dout)
+        x_shape, padded_shape = self.cache
+        share = dout * dout.dtype.type(1.0 / len(self._slices))
+        dxpad = xp.zeros(padded_shape, dtype=dout.dtype)
+        for sl in self._slices:
+            dxpad[sl] += share
+        return self._unpad(dxpad, x_shape)
+
+
+class GlobalAvgPool2D(Layer):
+    """Global average pooling: (N, C, H, W) -> (N, C).
+
+    Forward:  out[n, c] = mean over (H, W) of x[n, c].
+    Backward: dx[n, c, y, x] = dout[n, c] / (H * W).
+    """
+
+    def forward(self, x, training=True):
+        if x.ndim != 4:
+            raise self._bad_input("(N, C, H, W)", x)
+        self.cache = x.shape
+        return x.mean(axis=(2, 3))
+
+    def backward(self, dout):
+        xp = get_array_module(dout)
+        n, c, h, w = self.cache
+        return xp.broadcast_to((dout / (h * w))[:, :, None, None], (n, c, h, w)).copy()

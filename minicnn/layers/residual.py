@@ -1,0 +1,56 @@
+"""The basic residual block of ResNet (He et al., 2016)."""
+from __future__ import annotations
+
+from .activations import ReLU
+from .base import Container
+from .conv import Conv2D
+from .normalization import BatchNorm2D
+
+__all__ = ["ResidualBlock"]
+
+
+class ResidualBlock(Container):
+    """Two 3x3 conv + BN with a shortcut: ``out = relu(bn2(conv2(relu(bn1(conv1(x))))) + s(x))``.
+
+    Shapes: x (N, C_in, H, W) -> out (N, C_out, H', W') with H' = ceil(H / stride).
+    The shortcut ``s`` is the identity when ``stride == 1`` and ``C_in == C_out``,
+    otherwise a 1x1 convolution with that stride followed by BatchNorm (the
+    "projection shortcut"). Convolutions have no bias: BatchNorm's beta plays
+    that role.
+
+    Backward: with g = dout * [out > 0] (the final ReLU),
+        dx = d(main branch)(g) + d(shortcut)(g)
+    i.e. the gradient flows unchanged through the identity and is added to
+    the gradient through the convolutions, the point of the residual design.
+    """
+
+    def __init__(self, in_channels, out_channels, stride=1):
+        super().__init__()
+        self.in_channels, self.out_channels, self.stride = int(in_channels), int(out_channels), int(stride)
+        self.conv1 = self.add("conv1", Conv2D(in_channels, out_channels, 3, stride=stride, padding=1, bias=False))
+        self.bn1 = self.add("bn1", BatchNorm2D(out_channels))
+        self.relu1 = ReLU()
+        self.conv2 = self.add("conv2", Conv2D(out_channels, out_channels, 3, padding=1, bias=False))
+        self.bn2 = self.add("bn2", BatchNorm2D(out_channels))
+        self.projection = stride != 1 or in_channels != out_channels
+        if self.projection:
+            self.proj = self.add("proj", Conv2D(in_channels, out_channels, 1, stride=stride, bias=False))
+            self.proj_bn = self.add("proj_bn", BatchNorm2D(out_channels))
+        self.relu_out = ReLU()
+
+    def extra_repr(self):
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}" + (
+            ", projection" if self.projection else ""
+        )
+
+    def forward(self, x, training=True):
+        h = self.relu1.forward(self.bn1.forward(self.conv1.forward(x, training), training), training)
+        h = self.bn2.forward(self.conv2.forward(h, training), training)
+        s = self.proj_bn.forward(self.proj.forward(x, training), training) if self.projection else x
+        return self.relu_out.forward(h + s, training)
+
+    def backward(self, dout):
+        g = self.relu_out.backward(dout)
+        dh = self.conv1.backward(self.bn1.backward(self.relu1.backward(self.conv2.backward(self.bn2.backward(g)))))
+        ds = self.proj.backward(self.proj_bn.backward(g)) if self.projection else g
+        return dh + ds
