@@ -34,12 +34,12 @@ class LeakyReLU(Layer):
 
     def forward(self, x, training=True):
         xp = get_array_module(x)
-        self.mask = x > 0
-        return xp.where(self.mask, x, x * x.dtype.type(self.negative_slope))
+        # Keep the local derivative (1 or slope) itself: backward is then one multiply.
+        self.slope = xp.where(x > 0, x.dtype.type(1), x.dtype.type(self.negative_slope))
+        return x * self.slope
 
     def backward(self, dout):
-        xp = get_array_module(dout)
-        return xp.where(self.mask, dout, dout * dout.dtype.type(self.negative_slope))
+        return dout * self.slope
 
 
 class Dropout(Layer):

@@ -67,22 +67,23 @@ class _BatchNorm(Layer):
             if m < 2:
                 raise ValueError(f"{self!r}: training needs more than one value per feature, got input {x.shape}")
             mu = x.mean(axis=self.axes, keepdims=True)
-            xc = x - mu
-            var = (xc * xc).mean(axis=self.axes, keepdims=True)
-            inv_std = 1.0 / xp.sqrt(var + self.eps)
-            xhat = xc * inv_std
+            xhat = x - mu
+            var = xp.square(xhat).mean(axis=self.axes, keepdims=True)
+            inv_std = (1.0 / xp.sqrt(var + self.eps)).astype(x.dtype, copy=False)
+            xhat *= inv_std  # in place: x - mu is not needed any more
             mom = self.momentum
             rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
             rm *= 1 - mom
             rm += mom * mu.reshape(-1)
             rv *= 1 - mom
             rv += (mom * m / (m - 1)) * var.reshape(-1)
-            self.cache = (True, xhat, inv_std)
         else:
-            inv_std = 1.0 / xp.sqrt(self._shape(self.buffers["running_var"]) + self.eps)
+            inv_std = (1.0 / xp.sqrt(self._shape(self.buffers["running_var"]) + self.eps)).astype(x.dtype, copy=False)
             xhat = (x - self._shape(self.buffers["running_mean"])) * inv_std
-            self.cache = (False, xhat, inv_std)
-        return (gamma * xhat + beta).astype(x.dtype, copy=False)
+        self.cache = (training, xhat, inv_std)
+        out = xhat * gamma
+        out += beta
+        return out
 
     def backward(self, dout):
         batch_stats, xhat, inv_std = self.cache
@@ -93,7 +94,11 @@ class _BatchNorm(Layer):
         if not batch_stats:
             return dout * (gamma * inv_std)
         m = dout.size // self.num_features
-        dx = (gamma * inv_std / m) * (m * dout - self._shape(dbeta) - xhat * self._shape(dgamma))
+        # dx = gamma * inv_std / m * (m * dout - dbeta - xhat * dgamma), built in place
+        dx = xhat * (-self._shape(dgamma) / m)
+        dx += dout
+        dx -= self._shape(dbeta) / m
+        dx *= gamma * inv_std
         self.cache = None
         return dx
 

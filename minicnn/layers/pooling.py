@@ -87,7 +87,7 @@ class MaxPool2D(_Pool2D):
                 continue
             better = view > out  # strict: the first maximum wins ties
             xp.maximum(out, view, out=out)
-            arg[better] = k
+            xp.copyto(arg, k, where=better)  # (much faster than boolean-mask assignment)
         self.cache = (x.shape, xpad.shape, arg)
         return out
 
@@ -95,9 +95,15 @@ class MaxPool2D(_Pool2D):
         xp = get_array_module(dout)
         x_shape, padded_shape, arg = self.cache
         dxpad = xp.zeros(padded_shape, dtype=dout.dtype)
-        zero = dout.dtype.type(0)
-        for k, sl in enumerate(self._slices):
-            dxpad[sl] += xp.where(arg == k, dout, zero)
+        if self.stride == self.kernel_size:
+            # Windows do not overlap: every input pixel belongs to one window at most, so
+            # each offset's share can be written straight into its strided slice.
+            for k, sl in enumerate(self._slices):
+                xp.multiply(dout, arg == k, out=dxpad[sl])
+        else:
+            zero = dout.dtype.type(0)
+            for k, sl in enumerate(self._slices):
+                dxpad[sl] += xp.where(arg == k, dout, zero)
         self.cache = None
         return self._unpad(dxpad, x_shape)
 

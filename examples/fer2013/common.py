@@ -1,0 +1,67 @@
+"""What train.py, evaluate.py and predict.py share: finding the data, preparing it, reading checkpoints."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import minicnn
+from minicnn.data import Normalizer, load_fer2013, merge_disgust_into_angry, stratified_split, undersample
+from minicnn.training import load_checkpoint
+
+HERE = Path(__file__).resolve().parent
+PRETRAINED = HERE / "pretrained" / "hw3_cnn.npz"
+
+WHERE_TO_GET_IT = """FER-2013 was not found. Get it from Kaggle, either
+  - the image folders of https://www.kaggle.com/datasets/msambare/fer2013 (train/<class>/*.jpg, test/<class>/*.jpg), or
+  - fer2013.csv from the 2013 challenge (columns emotion,pixels,Usage),
+then pass --data PATH, or set FER2013_DATA=PATH, or put it at ./data/fer2013 (folders) or ./data/fer2013.csv."""
+
+
+def resolve_data_path(arg: str | None) -> Path:
+    """--data, else $FER2013_DATA, else ./data/fer2013 or ./data/fer2013.csv; exits with advice otherwise."""
+    candidates = [arg] if arg else []
+    if not arg and os.environ.get("FER2013_DATA"):
+        candidates.append(os.environ["FER2013_DATA"])
+    if not candidates:
+        candidates += ["data/fer2013", "data/fer2013.csv"]
+    for c in candidates:
+        if c and Path(c).exists():
+            return Path(c)
+    sys.exit(f"error: no data at {', '.join(map(str, candidates))}\n{WHERE_TO_GET_IT}")
+
+
+def select_classes(ds, classes: int, undersample_spec: str | None, seed: int):
+    """7 classes, or 6 with disgust merged into angry; optional undersampling 'happy:3000' or 'happy:0.6'."""
+    if classes == 6:
+        ds = merge_disgust_into_angry(ds)
+    elif classes != 7:
+        raise SystemExit(f"error: --classes must be 7 or 6, got {classes}")
+    if undersample_spec:
+        name, _, amount = undersample_spec.partition(":")
+        value = float(amount)
+        ds = undersample(ds, name, int(value) if value >= 1 else value, seed=seed)
+    return ds
+
+
+def to_model_input(norm: Normalizer, images) -> np.ndarray:
+    return norm.transform(images).astype(minicnn.get_default_dtype(), copy=False)
+
+
+def open_checkpoint(path):
+    """(model, normalizer, class_names, meta) from a checkpoint written by train.py."""
+    model, arrays, meta = load_checkpoint(path)
+    try:
+        norm = Normalizer.from_arrays(arrays, prefix="data/norm/")
+    except KeyError as exc:
+        raise minicnn.CheckpointError(f"{path}: has no normalisation statistics ({exc}); was it written by train.py?") from None
+    class_names = meta.get("class_names")
+    if not class_names:
+        raise minicnn.CheckpointError(f"{path}: has no class names; was it written by train.py?")
+    return model, norm, list(class_names), meta
+
+
+__all__ = ["resolve_data_path", "select_classes", "to_model_input", "open_checkpoint", "PRETRAINED",
+           "load_fer2013", "stratified_split"]

@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""Evaluate a FER-2013 checkpoint: metrics as JSON on stdout, and optionally figures.
+
+    python examples/fer2013/evaluate.py --data data/fer2013                 # the shipped hw3_cnn weights
+    python examples/fer2013/evaluate.py --checkpoint runs/fer2013/best.npz --split val --plots figures/
+    python examples/fer2013/evaluate.py --tta --backend cupy                # 10-crop test-time augmentation
+
+Everything needed comes from the checkpoint written by train.py: the network,
+the normalisation statistics, the class names and the training arguments.
+
+Splits: ``test`` is FER-2013 PublicTest; ``val`` is the validation split
+train.py carved out of Training (rebuilt from the checkpoint's --classes,
+--undersample, --val-fraction, --seed and --limit, so it holds the very same
+images); ``train`` is the rest of Training (limited as in training). A
+6-class checkpoint is evaluated with disgust merged into angry.
+
+stdout holds only the JSON document (accuracy, per-class precision / recall /
+F1, confusion matrix in counts and row-normalised, checkpoint information);
+progress goes to stderr. Exit codes: 0 ok, 2 unusable checkpoint, data or
+backend (the message names the file and the problem).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+import minicnn  # noqa: E402
+from common import PRETRAINED, open_checkpoint, resolve_data_path, select_classes, to_model_input  # noqa: E402
+from minicnn.backend import BackendUnavailableError  # noqa: E402
+from minicnn.data import DataError, load_fer2013, stratified_split  # noqa: E402
+from minicnn.inference import predict_proba, predict_tta  # noqa: E402
+from minicnn.metrics import classification_report  # noqa: E402
+
+SPLITS = ("test", "val", "train")
+# train.py's defaults, used when a checkpoint does not record its arguments
+TRAIN_DEFAULTS = {"val_fraction": 0.1, "seed": 0, "undersample": None, "limit": None}
+SALIENCY_IMAGES = 7  # one per class
+ACTIVATION_IMAGES = 400  # images searched for the top activations (a seeded random subset)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=str(PRETRAINED),
+                   help=f"checkpoint written by train.py (default {PRETRAINED})")
+    p.add_argument("--data", help="FER-2013 folder or CSV (default: $FER2013_DATA, ./data/fer2013, ./data/fer2013.csv)")
+    p.add_argument("--split", choices=SPLITS, default="test",
+                   help="test = PublicTest (default); val / train = Training as train.py split it")
+    p.add_argument("--plots", metavar="DIR", help="write figures (PNG) and metrics.json to this folder")
+    p.add_argument("--tta", action="store_true", help="average the softmax over 10 crops / flips of each image")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    return args
+
+
+def log(msg: str) -> None:
+    """Progress messages go to stderr: stdout is reserved for the JSON document."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def dumps(obj) -> str:
+    """Indented JSON with every list of numbers on one line (a 7x7 matrix would otherwise take 63 lines)."""
+    text = json.dumps(obj, indent=1)
+    return re.sub(r"\[\s+([-0-9.eE+,\s]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+
+
+def training_args(meta: dict, class_names) -> dict:
+    """train.py's arguments from the checkpoint, with train.py's defaults for what is missing."""
+    args = dict(TRAIN_DEFAULTS)
+    args.update(meta.get("args") or {})
+    # The number of classes is a property of the network: trust the class names over the arguments.
+    args["classes"] = len(class_names)
+    return args
+
+
+def load_split(data_path, split: str, targs: dict, class_names):
+    """The FERDataset of ``split`` as the checkpoint's training run saw it (see the module docstring)."""
+    ds = load_fer2013(data_path)
+    seed = int(targs["seed"])
+    if split == "test":
+        # The test set is never undersampled: only the class merge applies.
+        ds = select_classes(ds.split("PublicTest"), targs["classes"], None, seed)
+        if len(ds) == 0:
+            raise DataError(f"{data_path}: holds no PublicTest images (test/<class>/*.jpg or Usage=PublicTest)")
+    else:
+        # Exactly train.py's steps, in its order, so the same random draws pick the same images.
+        pool = select_classes(ds.split("Training"), targs["classes"], targs.get("undersample"), seed)
+        train_ds, val_ds = stratified_split(pool, float(targs["val_fraction"]), seed=seed)
+        if targs.get("limit"):
+            rng = np.random.default_rng(seed)
+            train_ds = train_ds.subset(rng.permutation(len(train_ds))[: targs["limit"]])
+            val_ds = val_ds.subset(rng.permutation(len(val_ds))[: max(targs["limit"] // 4, 1)])
+        ds = val_ds if split == "val" else train_ds
+        if len(ds) == 0:
+            raise DataError(f"{data_path}: the {split} split is empty "
+                            "(no Training images, or a --val-fraction too small for them)")
+    if list(ds.class_names) != list(class_names):
+        raise DataError(f"{data_path}: classes {list(ds.class_names)} do not match "
+                        f"the checkpoint's {list(class_names)}")
+    return ds
+
+
+def checkpoint_info(path, model, meta: dict, class_names) -> dict:
+    """What the JSON says about the checkpoint: model, epoch, history, training data."""
+    history = meta.get("history") or []
+    val_accs = [h["val_acc"] for h in history if h.get("val_acc") is not None]
+    return {
+        "path": str(path),
+        "model": model.name,
+        "config": model.config,
+        "epoch": meta.get("epoch"),
+        "history_length": len(history),
+        "best_val_acc": max(val_accs) if val_accs else None,
+        "class_names": list(class_names),
+        "trained_on": (meta.get("args") or {}).get("data"),
+        "backend": meta.get("backend"),
+    }
+
+
+def evaluate(model, norm, ds, class_names, tta=False, batch_size=256):
+    """(report, softmax probabilities (N, K)) of ``model`` on ``ds``.
+
+    The report is :func:`minicnn.metrics.classification_report` plus ``loss``:
+    the mean cross-entropy -log p(true class) (of the averaged probabilities
+    with TTA), the same quantity as train.py's ``val_loss``.
+    """
+    x = to_model_input(norm, ds.images)
+    probs = predict_tta(model, x, batch_size) if tta else predict_proba(model, x, batch_size)
+    report = classification_report(ds.labels, probs.argmax(axis=1), class_names)
+    p_true = probs[np.arange(len(probs)), ds.labels].astype(np.float64)
+    report = {"loss": float(-np.log(np.clip(p_true, 1e-12, 1.0)).mean()), **report}
+    return report, probs
+
+
+def make_plots(out_dir, model, norm, ds, probs, class_names, meta, seed=0):
+    """Write every figure to ``out_dir``; returns ({name: path}, {name: reason it was skipped})."""
+    from minicnn import visualize as viz  # noqa: PLC0415  (matplotlib only when plots are asked for)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, skipped = {}, {}
+    y_pred = probs.argmax(axis=1)
+
+    history = meta.get("history") or []
+    if history:
+        written["history"] = viz.plot_history(history, out_dir / "history.png")
+    else:
+        skipped["history"] = "the checkpoint holds no training history"
+
+    report = classification_report(ds.labels, y_pred, class_names)
+    written["confusion_matrix"] = viz.plot_confusion_matrix(report["confusion_matrix"], class_names,
+                                                            out_dir / "confusion_matrix.png")
+    written["misclassified"] = viz.plot_misclassified(ds.images, ds.labels, y_pred, class_names,
+                                                      out_dir / "misclassified.png", per_class=3,
+                                                      confidence=probs.max(axis=1))
+
+    # Saliency of the first image of each class, for the class the model predicts.
+    idx = [int(np.flatnonzero(ds.labels == c)[0]) for c in range(len(class_names)) if (ds.labels == c).any()]
+    idx = idx[:SALIENCY_IMAGES]
+    sal = viz.saliency_maps(model, to_model_input(norm, ds.images[idx]))
+    titles = [f"true {class_names[ds.labels[i]]} / pred {class_names[y_pred[i]]} ({probs[i].max():.2f})" for i in idx]
+    written["saliency"] = viz.plot_saliency(ds.images[idx], sal, out_dir / "saliency.png", titles=titles)
+
+    if any(isinstance(layer, minicnn.Conv2D) for layer in model.layers):
+        written["filters"] = viz.plot_filters(model, out_dir / "filters.png")
+    else:
+        skipped["filters"] = f"model {model.name!r} has no Conv2D layer"
+
+    if viz.conv_layer_indices(model):
+        rng = np.random.default_rng(seed)
+        pick = np.sort(rng.permutation(len(ds))[:ACTIVATION_IMAGES])
+        act = viz.top_activations(model, to_model_input(norm, ds.images[pick]), top_k=6, keep_maps=1)
+        written["activations"] = viz.plot_activations(ds.images[pick], act, out_dir / "activations.png")
+    else:
+        skipped["activations"] = f"model {model.name!r} has no convolutional layer"
+    return {k: str(v) for k, v in written.items()}, skipped
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    ckpt = Path(args.checkpoint)
+    try:
+        minicnn.set_backend(args.backend)
+        if not ckpt.is_file():
+            hint = (" (the shipped weights are not there: train a model with train.py and pass --checkpoint "
+                    "runs/fer2013/best.npz)") if ckpt.resolve() == PRETRAINED.resolve() else ""
+            raise minicnn.CheckpointError(f"{ckpt}: no such checkpoint file{hint}")
+        model, norm, class_names, meta = open_checkpoint(ckpt)
+        targs = training_args(meta, class_names)
+        data_path = resolve_data_path(args.data)
+        log(f"loading {args.split} split of {data_path}")
+        ds = load_split(data_path, args.split, targs, class_names)
+        log(f"evaluating {model.name} (epoch {meta.get('epoch')}) on {len(ds)} images"
+            f"{' with test-time augmentation' if args.tta else ''}")
+        report, probs = evaluate(model, norm, ds, class_names, args.tta, args.batch_size)
+    except (minicnn.CheckpointError, DataError, BackendUnavailableError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = {"checkpoint": checkpoint_info(ckpt, model, meta, class_names), "data": str(data_path),
+              "split": args.split, "usage": "PublicTest" if args.split == "test" else "Training", "tta": args.tta,
+              **report}
+    if args.plots:
+        log(f"writing figures to {args.plots}")
+        result["plots"], result["plots_skipped"] = make_plots(args.plots, model, norm, ds, probs, class_names, meta,
+                                                              seed=int(targs["seed"]))
+        (Path(args.plots) / "metrics.json").write_text(dumps(result) + "\n")
+    print(dumps(result))
+    log(f"{args.split} accuracy {report['accuracy']:.4f} on {report['num_examples']} images")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

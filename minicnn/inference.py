@@ -1,0 +1,92 @@
+"""Inference helpers: softmax probabilities in batches, and test-time augmentation.
+
+    >>> from minicnn.inference import predict_proba, predict_tta
+    >>> p = predict_proba(model, x)          # (N, K) NumPy array, rows sum to 1
+    >>> p_tta = predict_tta(model, x)        # averaged over 10 views of each image
+
+Both run the model in evaluation mode on the active backend (NumPy or CuPy)
+and return host (NumPy) arrays, since what follows (metrics, printing,
+plotting) happens on the host.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import get_array_module, to_device, to_host
+from .losses import softmax
+
+__all__ = ["predict_proba", "predict_tta", "tta_views"]
+
+
+def _check_input(x):
+    if getattr(x, "ndim", None) != 4:
+        raise ValueError(f"expected model inputs of shape (N, C, H, W), got {getattr(x, 'shape', type(x).__name__)}")
+
+
+def predict_proba(model, x, batch_size: int = 256) -> np.ndarray:
+    """Softmax probabilities ``(N, K)`` of ``model`` on inputs ``x`` ``(N, C, H, W)`` (host or device).
+
+    Evaluation mode (BatchNorm running statistics, no dropout), in batches of
+    ``batch_size`` so memory stays bounded; returns a NumPy array.
+    """
+    _check_input(x)
+    out = []
+    for start in range(0, len(x), batch_size):
+        xb = to_device(x[start : start + batch_size], dtype=model.dtype)
+        out.append(to_host(softmax(model.forward(xb, training=False))))
+    if not out:
+        return np.zeros((0, 0))
+    return np.concatenate(out)
+
+
+def tta_views(x, padding: int = 4, flip: bool = True) -> list:
+    """The test-time-augmentation views of a batch ``(N, C, H, W)``, same shape each.
+
+    The batch is padded by ``padding`` pixels on every side by edge
+    replication (as the training augmentation pads; black borders would be an
+    artificial cue), then five ``H x W`` windows are cut: the centre (which is
+    the image itself) and the four corners, i.e. the image shifted by
+    ``padding`` pixels along both axes. With ``flip`` the same five crops of
+    the horizontally flipped image follow: the classic 10-crop evaluation, in
+    which the image and its flip each appear exactly once.
+    """
+    _check_input(x)
+    xp = get_array_module(x)
+    p = int(padding)
+    bases = [x, x[..., ::-1]] if flip else [x]
+    views = []
+    for base in bases:
+        if p <= 0:
+            views.append(base)
+            continue
+        h, w = base.shape[-2:]
+        padded = xp.pad(base, ((0, 0), (0, 0), (p, p), (p, p)), mode="edge")
+        # centre first, then top-left, top-right, bottom-left, bottom-right
+        for dy, dx in ((p, p), (0, 0), (0, 2 * p), (2 * p, 0), (2 * p, 2 * p)):
+            views.append(padded[:, :, dy : dy + h, dx : dx + w])
+    return views
+
+
+def predict_tta(model, x, batch_size: int = 256, padding: int = 4, flip: bool = True) -> np.ndarray:
+    """Test-time augmentation: softmax probabilities averaged over the views of :func:`tta_views`.
+
+    For each image the probabilities of its 10 views (5 crops of the
+    edge-padded image, and the same of its horizontal flip; 5 views when
+    ``flip`` is False) are averaged, so the result ``(N, K)`` still sums to 1
+    per row. Costs 10 forward passes per image; batches of ``batch_size``
+    images are moved to the device once and all their views made there.
+    """
+    _check_input(x)
+    out = []
+    for start in range(0, len(x), batch_size):
+        xb = to_device(x[start : start + batch_size], dtype=model.dtype)
+        views = tta_views(xb, padding, flip)
+        total = None
+        for v in views:
+            # A crop of a padded array is a strided view: make it contiguous for the GEMMs.
+            p = softmax(model.forward(get_array_module(v).ascontiguousarray(v), training=False))
+            total = p if total is None else total + p
+        out.append(to_host(total / len(views)))
+    if not out:
+        return np.zeros((0, 0))
+    return np.concatenate(out)

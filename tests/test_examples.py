@@ -1,0 +1,324 @@
+"""examples/fer2013 evaluate.py and predict.py, end to end on a tiny synthetic FER-2013 folder; minicnn.inference.
+
+A module fixture writes 7 classes x (10 Training + 3 PublicTest) PNGs to a
+temporary folder and trains hw3_cnn on them for one epoch with train.main, so
+the checkpoint has exactly the layout train.py writes. Nothing here reads the
+real data except the test of the shipped weights (skipped without them).
+"""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import minicnn
+from minicnn.data import CLASS_NAMES, Normalizer, load_fer2013
+from minicnn.inference import predict_proba, predict_tta, tta_views
+from minicnn.models import build_model
+from minicnn.training import save_checkpoint
+
+Image = pytest.importorskip("PIL.Image")
+pytest.importorskip("matplotlib")
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "fer2013"
+N_TRAIN, N_TEST = 10, 3  # per class
+
+
+def load_script(name):
+    """Import examples/fer2013/<name>.py under a name that cannot clash with other modules."""
+    spec = importlib.util.spec_from_file_location(f"fer2013_example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_script, evaluate_script, predict_script = (load_script(n) for n in ("train", "evaluate", "predict"))
+
+
+def assert_png(path, min_bytes=2_000):
+    path = Path(path)
+    assert path.is_file() and path.stat().st_size >= min_bytes, f"{path} missing or tiny"
+    with Image.open(path) as im:
+        assert im.format == "PNG" and min(im.size) >= 100
+        im.verify()
+
+
+def write_fer_folder(root: Path):
+    """train/<class>/Training_*.png and test/<class>/PublicTest_*.png; the class sets the mean grey level."""
+    rng = np.random.default_rng(0)
+    for split, prefix, n in (("train", "Training", N_TRAIN), ("test", "PublicTest", N_TEST)):
+        for c, name in enumerate(CLASS_NAMES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                img = (rng.random((48, 48)) * 60 + 30 * c).astype(np.uint8)
+                Image.fromarray(img).save(folder / f"{prefix}_{c}{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def fer_run(tmp_path_factory):
+    """(data folder, run folder) after one epoch of hw3_cnn with train.py on the synthetic data."""
+    base = tmp_path_factory.mktemp("fer")
+    data = write_fer_folder(base / "data")
+    run = base / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINICNN_CACHE", str(base / "cache"))  # never write the decoding cache to ~/.cache
+        rc = train_script.main(["--data", str(data), "--out", str(run), "--epochs", "1", "--limit", "64",
+                                "--batch-size", "16", "--no-progress", "--model", "hw3_cnn"])
+        assert rc == 0 and (run / "best.npz").is_file()
+        yield data, run
+
+
+@pytest.fixture
+def cache_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINICNN_CACHE", str(tmp_path / "cache"))
+
+
+def run_main(script, argv, capsys):
+    """(exit code, stdout, stderr) of ``script.main(argv)``."""
+    rc = script.main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# --------------------------------------------------------------------------- evaluate.py
+
+
+def check_report(result, n_images, class_names):
+    for key in ("accuracy", "loss", "num_examples", "per_class", "macro_avg", "confusion_matrix",
+                "confusion_matrix_normalized", "checkpoint", "split", "tta", "class_names"):
+        assert key in result, key
+    cm = np.array(result["confusion_matrix"])
+    k = len(class_names)
+    assert cm.shape == (k, k)
+    assert cm.sum() == result["num_examples"] == n_images
+    assert result["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+    assert result["class_names"] == list(class_names)
+    assert list(result["per_class"]) == list(class_names)
+    for i, name in enumerate(class_names):
+        stats = result["per_class"][name]
+        assert set(stats) == {"precision", "recall", "f1", "support"}
+        assert stats["support"] == cm[i].sum()
+        if cm[i].sum():
+            assert stats["recall"] == pytest.approx(cm[i, i] / cm[i].sum())
+    norm = np.array(result["confusion_matrix_normalized"])
+    np.testing.assert_allclose(norm[cm.sum(1) > 0].sum(axis=1), 1.0, atol=1e-3)
+
+
+def test_evaluate_test_split_with_plots(fer_run, tmp_path, capsys, cache_env):
+    data, run = fer_run
+    plots = tmp_path / "plots"
+    rc, out, err = run_main(evaluate_script, ["--checkpoint", str(run / "best.npz"), "--data", str(data),
+                                              "--plots", str(plots), "--batch-size", "8"], capsys)
+    assert rc == 0, err
+    result = json.loads(out)  # stdout is nothing but the JSON document
+    check_report(result, 7 * N_TEST, CLASS_NAMES)
+    assert result["split"] == "test" and result["tta"] is False
+    info = result["checkpoint"]
+    assert info["model"] == "hw3_cnn" and info["epoch"] == 1 and info["history_length"] == 1
+    assert set(result["plots"]) == {"history", "confusion_matrix", "misclassified", "saliency", "filters",
+                                    "activations"}
+    assert result["plots_skipped"] == {}
+    for path in result["plots"].values():
+        assert Path(path).parent == plots
+        assert_png(path)
+    assert json.loads((plots / "metrics.json").read_text()) == result
+
+
+def test_evaluate_rebuilds_the_validation_split_of_training(fer_run, capsys, cache_env):
+    data, run = fer_run
+    ckpt = str(run / "best.npz")
+    rc, out, err = run_main(evaluate_script, ["--checkpoint", ckpt, "--data", str(data), "--split", "val"], capsys)
+    assert rc == 0, err
+    result = json.loads(out)
+    check_report(result, 7, CLASS_NAMES)  # round(0.1 * 10) = 1 per class
+    # The very images train.py validated on: the same accuracy and loss as its history says
+    # (the loss would differ for any other set of images).
+    history = json.loads((run / "history.json").read_text())
+    assert result["accuracy"] == pytest.approx(history[-1]["val_acc"], abs=1e-6)
+    assert result["loss"] == pytest.approx(history[-1]["val_loss"], abs=1e-4)
+
+    rc, out, err = run_main(evaluate_script, ["--checkpoint", ckpt, "--data", str(data), "--split", "train"], capsys)
+    assert rc == 0, err
+    check_report(json.loads(out), 7 * N_TRAIN - 7, CLASS_NAMES)
+
+    rc, out, err = run_main(evaluate_script, ["--checkpoint", ckpt, "--data", str(data), "--split", "val", "--tta"],
+                            capsys)
+    assert rc == 0, err
+    result = json.loads(out)
+    check_report(result, 7, CLASS_NAMES)
+    assert result["tta"] is True
+
+
+def test_evaluate_merges_disgust_for_a_six_class_checkpoint(fer_run, tmp_path, capsys, cache_env):
+    data, _ = fer_run
+    names = [c for c in CLASS_NAMES if c != "disgust"]
+    model = build_model("trd_cnn", num_classes=6)
+    norm = Normalizer("per_pixel").fit(np.random.default_rng(0).integers(0, 256, (8, 48, 48), dtype=np.uint8))
+    ckpt = save_checkpoint(tmp_path / "six.npz", model, epoch=3, history=[],
+                           extra_meta={"class_names": names, "args": {"classes": 6, "val_fraction": 0.1, "seed": 0}},
+                           extra_arrays=norm.to_arrays(prefix="data/norm/"))
+    rc, out, err = run_main(evaluate_script, ["--checkpoint", str(ckpt), "--data", str(data)], capsys)
+    assert rc == 0, err
+    result = json.loads(out)
+    check_report(result, 7 * N_TEST, names)
+    assert result["per_class"]["angry"]["support"] == 2 * N_TEST  # angry + disgust
+    assert result["checkpoint"]["epoch"] == 3 and result["checkpoint"]["history_length"] == 0
+    assert "plots" not in result  # only with --plots
+
+
+@pytest.mark.parametrize("kind", ["missing", "not_a_checkpoint"])
+def test_evaluate_bad_checkpoint_exits_2_naming_the_file(fer_run, tmp_path, capsys, kind):
+    data, _ = fer_run
+    ckpt = tmp_path / "model.npz"
+    if kind == "not_a_checkpoint":
+        ckpt.write_text("hello")
+    rc, out, err = run_main(evaluate_script, ["--checkpoint", str(ckpt), "--data", str(data)], capsys)
+    assert rc == 2 and out == ""
+    assert str(ckpt) in err and err.startswith("error:")
+
+
+# --------------------------------------------------------------------------- predict.py
+
+
+@pytest.fixture
+def face_files(tmp_path):
+    rng = np.random.default_rng(3)
+    colour = tmp_path / "colour face.jpg"  # a space in the name, and a size that needs resizing
+    Image.fromarray(rng.integers(0, 256, (80, 64, 3), dtype=np.uint8), "RGB").save(colour, quality=90)
+    gray = tmp_path / "gray.png"
+    Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8), "L").save(gray)
+    return colour, gray
+
+
+def test_predict_json_any_size_and_colour(fer_run, face_files, capsys):
+    _, run = fer_run
+    colour, gray = face_files
+    rc, out, err = run_main(predict_script, [str(colour), str(gray), "--checkpoint", str(run / "best.npz"),
+                                             "--json", "--top", "3"], capsys)
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["class_names"] == list(CLASS_NAMES)
+    assert [p["image"] for p in result["predictions"]] == [str(colour), str(gray)]
+    for pred in result["predictions"]:
+        probs = pred["probabilities"]
+        assert list(probs) == list(CLASS_NAMES)
+        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+        assert pred["predicted"] == max(probs, key=probs.get)
+        assert pred["probability"] == pytest.approx(max(probs.values()))
+        assert len(pred["top"]) == 3 and pred["top"][0]["class"] == pred["predicted"]
+        top_p = [t["probability"] for t in pred["top"]]
+        assert top_p == sorted(top_p, reverse=True)
+
+
+def test_predict_table_and_agreement_with_the_loader(fer_run, capsys, cache_env):
+    data, run = fer_run
+    ckpt = str(run / "best.npz")
+    image = sorted((data / "test" / "happy").iterdir())[0]
+    rc, out, err = run_main(predict_script, [str(image), "--checkpoint", ckpt], capsys)
+    assert rc == 0, err
+    header, row = out.strip().splitlines()
+    assert header.split()[:2] == ["image", "predicted"] and header.split()[2:] == list(CLASS_NAMES)
+    assert row.startswith(str(image))
+    table_probs = np.array([float(v) for v in row.split()[2:]])
+    # Same probabilities as the model on the image decoded by the FER-2013 loader.
+    model, norm, _, _ = evaluate_script.open_checkpoint(ckpt)
+    ds = load_fer2013(data / "test")
+    k = [i for i, lab in enumerate(ds.labels) if CLASS_NAMES[lab] == "happy"][0]
+    expected = predict_proba(model, evaluate_script.to_model_input(norm, ds.images[k : k + 1]))[0]
+    np.testing.assert_allclose(table_probs, expected, atol=6e-4)  # the table shows 3 decimals
+    assert row.split()[1] == CLASS_NAMES[int(expected.argmax())]
+
+    rc, out, err = run_main(predict_script, [str(image), "--checkpoint", ckpt, "--top", "2"], capsys)
+    assert rc == 0, err
+    header, row = out.strip().splitlines()
+    assert header.split() == ["image", "predicted", "top", "1", "top", "2"]
+
+
+def test_predict_bad_inputs_exit_2_naming_the_file(fer_run, face_files, tmp_path, capsys):
+    _, run = fer_run
+    ckpt = str(run / "best.npz")
+    colour, _ = face_files
+    missing = tmp_path / "nope.png"
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    rc, out, err = run_main(predict_script, [str(colour), str(missing), str(text), "--checkpoint", ckpt], capsys)
+    assert rc == 2 and out == ""
+    assert f"{missing}: no such file" in err  # every bad file is reported, not only the first
+    assert f"{text}: not an image" in err
+    assert str(colour) not in err
+
+    rc, out, err = run_main(predict_script, [str(colour), "--checkpoint", str(tmp_path / "gone.npz")], capsys)
+    assert rc == 2 and str(tmp_path / "gone.npz") in err
+
+
+def test_predict_cli_has_no_traceback(tmp_path, face_files):
+    colour, _ = face_files
+    ckpt = tmp_path / "missing.npz"
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "predict.py"), str(colour), "--checkpoint", str(ckpt)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert str(ckpt) in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- minicnn.inference
+
+
+def small_model():
+    return minicnn.Sequential([minicnn.Conv2D(1, 2, 3, padding=1), minicnn.ReLU(), minicnn.Flatten(),
+                               minicnn.Dense(2 * 12 * 12, 4)], input_shape=(1, 12, 12))
+
+
+def test_predict_proba_rows_sum_to_one_in_any_batching():
+    model = small_model()
+    x = np.random.default_rng(0).normal(size=(7, 1, 12, 12)).astype(np.float32)
+    p = predict_proba(model, x, batch_size=3)
+    assert p.shape == (7, 4) and isinstance(p, np.ndarray)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(p, predict_proba(model, x, batch_size=100), rtol=1e-5)
+
+
+def test_tta_views_and_average(float64):
+    model = small_model()
+    x = np.random.default_rng(1).normal(size=(5, 1, 12, 12))
+    views = tta_views(x, padding=4)
+    assert len(views) == 10 and all(v.shape == x.shape for v in views)
+    np.testing.assert_array_equal(views[0], x)  # the centre crop is the image itself
+    np.testing.assert_array_equal(views[5], x[..., ::-1])  # ... and of the flip, the flip
+    # Top-left corner crop: shifted down-right by 4, edge-replicated rows/columns at the top-left.
+    np.testing.assert_array_equal(views[1][..., 4:, 4:], x[..., :8, :8])
+    np.testing.assert_array_equal(views[1][..., :4, 4:], np.repeat(x[..., :1, :8], 4, axis=-2))
+    assert len(tta_views(x, flip=False)) == 5
+
+    # Reference: an independent loop over the 10 crops with np.pad.
+    padded = np.pad(x, ((0, 0), (0, 0), (4, 4), (4, 4)), mode="edge")
+    padded_flip = np.pad(x[..., ::-1], ((0, 0), (0, 0), (4, 4), (4, 4)), mode="edge")
+    expected = np.zeros((5, 4))
+    for base in (padded, padded_flip):
+        for dy, dx in ((4, 4), (0, 0), (0, 8), (8, 0), (8, 8)):
+            expected += predict_proba(model, np.ascontiguousarray(base[..., dy : dy + 12, dx : dx + 12]))
+    np.testing.assert_allclose(predict_tta(model, x, batch_size=2), expected / 10, rtol=1e-10)
+    np.testing.assert_allclose(predict_tta(model, x).sum(axis=1), 1.0)
+
+    # A constant image looks the same in every view: TTA changes nothing.
+    const = np.full((2, 1, 12, 12), 0.7)
+    np.testing.assert_allclose(predict_tta(model, const), predict_proba(model, const), rtol=1e-10)
+
+
+# --------------------------------------------------------------------------- the shipped weights
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (EXAMPLES / "pretrained" / "hw3_cnn.npz").is_file(),
+                    reason="examples/fer2013/pretrained/hw3_cnn.npz is not shipped yet")
+def test_shipped_weights_beat_half_on_publictest(fer2013_path, capsys):
+    rc, out, err = run_main(evaluate_script, ["--data", fer2013_path], capsys)  # default: the shipped weights
+    assert rc == 0, err
+    result = json.loads(out)
+    check_report(result, 3589, CLASS_NAMES)
+    assert result["checkpoint"]["model"] == "hw3_cnn"
+    assert result["accuracy"] > 0.5, f"shipped hw3_cnn reaches only {result['accuracy']:.4f} on PublicTest"

@@ -1,0 +1,167 @@
+"""The training loop: exact resume, Ctrl-C, NaN guard, early stopping, files written, and real learning."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import minicnn
+from minicnn.checkpoint import load_npz
+from minicnn.data import Augmenter
+from minicnn.optim import Adam, make_schedule
+from minicnn.training import Trainer, TrainingDiverged
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_model():
+    return minicnn.Sequential([
+        minicnn.Conv2D(1, 4, 3, padding=1), minicnn.BatchNorm2D(4), minicnn.LeakyReLU(), minicnn.MaxPool2D(2),
+        minicnn.Dropout(0.2), minicnn.Flatten(), minicnn.Dense(4 * 6 * 6, 3),
+    ], input_shape=(1, 12, 12), name="tiny")
+
+
+def tiny_data(n=96, seed=0):
+    """Three learnable classes: a bright blob on the left, the right, or nowhere."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = rng.standard_normal((n, 1, 12, 12)).astype(np.float32) * 0.3
+    x[y == 0, :, 3:9, 0:4] += 2.0
+    x[y == 1, :, 3:9, 8:12] += 2.0
+    return x, y
+
+
+def make_trainer(out_dir, init_seed=0, **kw):
+    minicnn.seed(init_seed)  # different init seeds prove that resume restores the weights
+    model = tiny_model()
+    opt = Adam(model, lr=0.01)
+    schedule = make_schedule("plateau", opt, patience=1, factor=0.5)
+    aug = Augmenter(flip=True, shift=0.1, rotation=10, seed=5)
+    return Trainer(model, opt, schedule=schedule, augmenter=aug, batch_size=16, seed=3, out_dir=out_dir,
+                   progress=False, log_every=2, **kw)
+
+
+def assert_same_state(a, b):
+    for (k, va), (_, vb) in zip(sorted(a.state_arrays().items()), sorted(b.state_arrays().items())):
+        np.testing.assert_array_equal(va, vb, err_msg=k)
+
+
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path):
+    x, y = tiny_data()
+    xv, yv = tiny_data(32, seed=1)
+    full = make_trainer(tmp_path / "full")
+    full.fit(x, y, xv, yv, epochs=4, log=lambda *_: None)
+
+    first = make_trainer(tmp_path / "split")
+    first.fit(x, y, xv, yv, epochs=2, log=lambda *_: None)
+    second = make_trainer(tmp_path / "split", init_seed=99)
+    second.fit(x, y, xv, yv, epochs=4, resume=True, log=lambda *_: None)
+
+    assert second.epoch == 4 and len(second.history) == 4
+    assert_same_state(full.model, second.model)
+    assert second.optimizer.lr == full.optimizer.lr
+    for h_full, h_split in zip(full.history, second.history):
+        assert h_full["train_loss"] == h_split["train_loss"] and h_full["val_acc"] == h_split["val_acc"]
+
+
+def test_training_writes_checkpoints_and_history(tmp_path):
+    x, y = tiny_data()
+    trainer = make_trainer(tmp_path)
+    history = trainer.fit(x, y, *tiny_data(32, 1), epochs=3, log=lambda *_: None)
+    assert {p.name for p in tmp_path.iterdir()} >= {"last.npz", "best.npz", "history.csv", "history.json"}
+    assert json.loads((tmp_path / "history.json").read_text()) == history
+    assert (tmp_path / "history.csv").read_text().splitlines()[0].startswith("epoch,train_loss,train_acc")
+    arrays, meta = load_npz(tmp_path / "last.npz")
+    assert meta["epoch"] == 3 and any(k.startswith("optim/") for k in arrays)
+    best_epoch = max(history, key=lambda h: h["val_acc"])["epoch"]
+    assert load_npz(tmp_path / "best.npz")[1]["epoch"] == best_epoch
+    assert history[-1]["train_acc"] > 0.6  # the tiny task is learnable
+
+
+class InterruptAt:
+    """An augmenter wrapper that raises KeyboardInterrupt at a given (epoch, step): a simulated Ctrl-C."""
+
+    def __init__(self, inner, epoch, step):
+        self.inner, self.epoch, self.step, self.calls, self.current = inner, epoch, step, 0, None
+
+    def reseed(self, seed):
+        self.inner.reseed(seed)
+        self.current = seed
+        self.calls = 0
+
+    def __call__(self, x, training=True):
+        self.calls += 1
+        if self.target_seed == self.current and self.calls == self.step:
+            raise KeyboardInterrupt
+        return self.inner(x, training)
+
+
+def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes_identically(tmp_path):
+    x, y = tiny_data()
+    xv, yv = tiny_data(32, seed=1)
+    full = make_trainer(tmp_path / "full")
+    full.fit(x, y, xv, yv, epochs=3, log=lambda *_: None)
+
+    run = make_trainer(tmp_path / "run")
+    interrupter = InterruptAt(run.augmenter, epoch=1, step=3)
+    interrupter.target_seed = (3 * 1_000_003 + 1) % (2**32 - 1) + 1  # epoch index 1 (the second epoch)
+    run.augmenter = interrupter
+    messages = []
+    run.fit(x, y, xv, yv, epochs=3, log=messages.append)
+    assert run.interrupted and run.epoch == 1
+    assert "interrupted during epoch 2" in messages[-1] and "--resume" in messages[-1]
+    assert load_npz(tmp_path / "run" / "last.npz")[1]["epoch"] == 1
+
+    resumed = make_trainer(tmp_path / "run", init_seed=7)
+    resumed.fit(x, y, xv, yv, epochs=3, resume=True, log=lambda *_: None)
+    assert_same_state(full.model, resumed.model)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    x, y = tiny_data()
+    trainer = make_trainer(tmp_path)
+    trainer.fit(x, y, epochs=1, log=lambda *_: None)
+    good = load_npz(tmp_path / "last.npz")[0]
+    x_bad = x.copy()
+    x_bad[5] = np.nan
+    with pytest.raises(TrainingDiverged, match=r"loss became nan.*last\.npz"):
+        trainer.fit(x_bad, y, epochs=2, log=lambda *_: None)
+    after = load_npz(tmp_path / "last.npz")[0]
+    for k in good:
+        np.testing.assert_array_equal(good[k], after[k], err_msg=k)
+
+
+def test_early_stopping_stops_when_validation_accuracy_stalls(tmp_path):
+    x, y = tiny_data()
+    trainer = make_trainer(tmp_path, early_stopping=2)
+    trainer.optimizer.lr = 0.0  # nothing can improve after the first epoch:
+    trainer.model.layers[1].momentum = 0.0  # not even BatchNorm's running statistics
+    trainer.schedule = None
+    trainer.fit(x, y, *tiny_data(32, 1), epochs=10, log=lambda *_: None)
+    assert trainer.stopped_early and trainer.epoch == 3
+
+
+def test_resume_with_another_seed_is_refused(tmp_path):
+    x, y = tiny_data()
+    make_trainer(tmp_path).fit(x, y, epochs=1, log=lambda *_: None)
+    other = make_trainer(tmp_path)
+    other.seed = 4
+    with pytest.raises(ValueError, match="seed 3"):
+        other.fit(x, y, epochs=2, resume=True, log=lambda *_: None)
+
+
+@pytest.mark.slow
+def test_short_training_on_real_fer2013_learns_well_above_chance(fer2013_path, tmp_path):
+    """A 3-epoch run of the Technical Review Document's small CNN on 4,000 real images."""
+    sys.path.insert(0, str(ROOT / "examples" / "fer2013"))
+    import train  # noqa: PLC0415
+
+    code = train.main(["--data", fer2013_path, "--model", "trd_cnn", "--classes", "6", "--limit", "4000",
+                       "--epochs", "3", "--no-augment", "--batch-size", "64", "--no-progress",
+                       "--out", str(tmp_path), "--seed", "1"])
+    assert code == 0
+    metrics = json.loads((tmp_path / "test_metrics.json").read_text())
+    majority = max(metrics["per_class"][c]["support"] for c in metrics["class_names"]) / metrics["num_examples"]
+    assert metrics["num_examples"] == 3589
+    assert metrics["accuracy"] > majority + 0.10, (metrics["accuracy"], majority)
