@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
-from common import environment, markdown_table, torch_twin, write_json  # noqa: E402
+from common import environment, markdown_table, setup, torch_twin, write_json  # noqa: E402
 from minicnn.data import Augmenter, Normalizer, load_fer2013, stratified_split  # noqa: E402
 from minicnn.optim import Adam  # noqa: E402
 from minicnn.training import Trainer  # noqa: E402
@@ -78,12 +78,7 @@ def main(argv=None):
 
     import torch  # noqa: PLC0415
 
-    xp = minicnn.set_backend(args.backend)
-    minicnn.backend.use_heap_allocator()
-    device = "cuda" if args.backend == "cupy" else "cpu"
-    if device == "cuda":
-        torch.backends.cudnn.benchmark = True
-    minicnn.seed(0)
+    _, device, sync_ours, _ = setup(args.backend, torch)
     ds = load_fer2013(args.data)
     train_ds, _ = stratified_split(ds.split("Training"), 0.1, seed=0)
     full_n = len(train_ds)
@@ -99,8 +94,8 @@ def main(argv=None):
     xd, yd = minicnn.to_device(x), minicnn.to_device(y)
     trainer._reseed(0)
     _, _, ours = trainer._epoch(xd, yd, 0, 1)  # the loop of train.py (it syncs at its end)
-    if args.backend == "cupy":
-        xp.cuda.Stream.null.synchronize()
+    if sync_ours:
+        sync_ours()
     theirs = torch_epoch(torch, minicnn.build_model("hw3_cnn"), x, y, args.batch_size, device)
 
     rows = []

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
-from common import environment, markdown_table, summarize, time_call, torch_twin, write_json  # noqa: E402
+from common import environment, markdown_table, setup, summarize, time_call, torch_twin, write_json  # noqa: E402
 
 
 def main(argv=None):
@@ -35,14 +35,7 @@ def main(argv=None):
 
     import torch  # noqa: PLC0415
 
-    xp = minicnn.set_backend(args.backend)
-    minicnn.backend.use_heap_allocator()
-    device = "cuda" if args.backend == "cupy" else "cpu"
-    if device == "cuda":
-        torch.backends.cudnn.benchmark = True
-    sync_ours = (lambda: xp.cuda.Stream.null.synchronize()) if args.backend == "cupy" else None
-    sync_torch = torch.cuda.synchronize if device == "cuda" else None
-    minicnn.seed(0)
+    _, device, sync_ours, sync_torch = setup(args.backend, torch)
     model = minicnn.build_model(args.model)
     twin = torch_twin(model, torch).to(device).train()
     rng = np.random.default_rng(0)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
-from common import environment, markdown_table, summarize, time_call, torch_twin, write_json  # noqa: E402
+from common import environment, markdown_table, setup, summarize, time_call, torch_twin, write_json  # noqa: E402
 from minicnn.optim import Adam  # noqa: E402
 
 
@@ -78,14 +78,7 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    xp = minicnn.set_backend(args.backend)
-    if not args.default_malloc:
-        minicnn.backend.use_heap_allocator()  # process-wide: PyTorch in this process gets it too
-    device = "cuda" if args.backend == "cupy" else "cpu"
-    if device == "cuda":
-        torch.backends.cudnn.benchmark = True
-    sync = (lambda: xp.cuda.Stream.null.synchronize()) if args.backend == "cupy" else None
-    minicnn.seed(0)
+    _, device, sync, _ = setup(args.backend, torch, heap_allocator=not args.default_malloc)
     rows = []
     for name in args.models:
         for b in args.batch_sizes:

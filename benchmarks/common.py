@@ -13,6 +13,24 @@ import numpy as np
 import minicnn
 
 
+def setup(backend: str, torch, heap_allocator: bool = True):
+    """Select the minicnn backend and PyTorch's device; return (xp, device, sync_minicnn, sync_torch).
+
+    The sync functions wait for queued GPU work, so that timings measure it
+    (None on the CPU, where calls are synchronous).
+    """
+    xp = minicnn.set_backend(backend)
+    if heap_allocator:
+        minicnn.backend.use_heap_allocator()  # process-wide: PyTorch in this process gets it too
+    minicnn.seed(0)
+    device = "cuda" if backend == "cupy" else "cpu"
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    sync_ours = (lambda: xp.cuda.Stream.null.synchronize()) if backend == "cupy" else None
+    sync_torch = torch.cuda.synchronize if device == "cuda" else None
+    return xp, device, sync_ours, sync_torch
+
+
 def time_call(fn, repeats: int, warmup: int = 2, sync=None) -> list[float]:
     """Seconds per call of ``fn`` over ``repeats`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):

@@ -79,6 +79,25 @@ def test_training_writes_checkpoints_and_history(tmp_path):
     assert history[-1]["train_acc"] > 0.6  # the tiny task is learnable
 
 
+def test_export_for_inference_drops_optimiser_state_and_still_loads(tmp_path):
+    from minicnn.training import export_for_inference, load_checkpoint
+
+    x, y = tiny_data()
+    trainer = make_trainer(tmp_path, extra_meta={"class_names": ["a", "b", "c"]},
+                           extra_arrays={"data/norm/mean": np.zeros(3, np.float32)})
+    trainer.fit(x, y, epochs=1, log=lambda *_: None)
+    out = export_for_inference(tmp_path / "last.npz", tmp_path / "export.npz")
+    arrays, meta = load_npz(out)
+    assert not any(k.startswith("optim/") for k in arrays) and "data/norm/mean" in arrays
+    assert meta["class_names"] == ["a", "b", "c"] and meta["epoch"] == 1
+    assert out.stat().st_size < (tmp_path / "last.npz").stat().st_size
+    model = tiny_model()
+    load_checkpoint(out, model)
+    assert_same_state(model, trainer.model)
+    with pytest.raises(ValueError, match="optimiser state"):
+        load_checkpoint(out, tiny_model(), optimizer=Adam(tiny_model()))
+
+
 class InterruptAt:
     """An augmenter wrapper that raises KeyboardInterrupt at a given (epoch, step): a simulated Ctrl-C."""
 

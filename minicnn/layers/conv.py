@@ -20,8 +20,6 @@ pixel it was read from, summing where receptive fields overlap, so that
 """
 from __future__ import annotations
 
-import numpy as np
-
 from .. import initializers
 from ..backend import get_array_module
 from .base import Layer
