@@ -322,3 +322,15 @@ def test_shipped_weights_beat_half_on_publictest(fer2013_path, capsys):
     check_report(result, 3589, CLASS_NAMES)
     assert result["checkpoint"]["model"] == "hw3_cnn"
     assert result["accuracy"] > 0.5, f"shipped hw3_cnn reaches only {result['accuracy']:.4f} on PublicTest"
+
+
+def test_train_augmentation_presets_and_overrides():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "fer2013"))
+    import train  # noqa: PLC0415
+
+    hw3 = train.augmentation_settings(train.parse_args([]))
+    assert hw3 == {"flip": True, "rotation": 30.0, "shift": 0.1, "zoom": (0.8, 1.2), "crop_padding": 0}
+    crop = train.augmentation_settings(train.parse_args(["--augment", "crop", "--rotation", "0", "--zoom", "0.9", "1.1"]))
+    assert crop == {"flip": True, "rotation": 0.0, "shift": 0.0, "zoom": (0.9, 1.1), "crop_padding": 4}
+    off = train.augmentation_settings(train.parse_args(["--no-augment"]))
+    assert not any(v for k, v in off.items() if k != "zoom") and off["zoom"] == (1.0, 1.0)
