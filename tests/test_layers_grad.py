@@ -157,11 +157,14 @@ def test_batchnorm2d_gradients(n, c, hw, training, seed, float64):
     assert report.ok, str(report)
 
 
-@pytest.mark.parametrize("layer", [minicnn.ReLU(), minicnn.LeakyReLU(), minicnn.LeakyReLU(0.2)])
-def test_activation_gradients_away_from_the_kink(layer, float64):
-    rng = np.random.default_rng(3)
-    x = rng.uniform(0.1, 2.0, (3, 7)) * rng.choice([-1.0, 1.0], (3, 7))
-    report = minicnn.gradcheck(layer, x)
+@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=4), slope=st.sampled_from([None, 0.01, 0.2]),
+       seed=st.integers(0, 2**31 - 1))
+@settings(**SETTINGS)
+def test_activation_gradients_away_from_the_kink(shape, slope, seed, float64):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.1, 2.0, shape) * rng.choice([-1.0, 1.0], shape)
+    layer = minicnn.ReLU() if slope is None else minicnn.LeakyReLU(slope)
+    report = minicnn.gradcheck(layer, x, seed=seed)
     assert report.ok, str(report)
 
 
@@ -202,22 +205,25 @@ def test_dropout_backward_uses_the_forward_mask(float64):
     assert relative_error(dx, num) < TOL
 
 
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-@pytest.mark.parametrize("weighted", [False, True])
-def test_cross_entropy_gradient(smoothing, weighted):
-    rng = np.random.default_rng(4)
-    logits = rng.standard_normal((6, 5)) * 3
-    labels = rng.integers(0, 5, 6)
-    loss = minicnn.SoftmaxCrossEntropy(rng.uniform(0.5, 2.0, 5) if weighted else None, smoothing)
+@given(n=st.integers(1, 8), k=st.integers(2, 9), smoothing=st.sampled_from([0.0, 0.1, 0.3]),
+       weighted=st.booleans(), seed=st.integers(0, 2**31 - 1))
+@settings(**SETTINGS)
+def test_cross_entropy_gradient(n, k, smoothing, weighted, seed):
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((n, k)) * 3
+    labels = rng.integers(0, k, n)
+    loss = minicnn.SoftmaxCrossEntropy(rng.uniform(0.5, 2.0, k) if weighted else None, smoothing)
     loss.forward(logits, labels)
     analytic = loss.backward()
     numeric = numerical_gradient(lambda: loss.forward(logits, labels), logits)
     assert relative_error(analytic, numeric) < TOL
 
 
-def test_mse_gradient():
-    rng = np.random.default_rng(5)
-    logits, labels = rng.standard_normal((4, 7)), rng.integers(0, 7, 4)
+@given(n=st.integers(1, 8), k=st.integers(2, 9), seed=st.integers(0, 2**31 - 1))
+@settings(**SETTINGS)
+def test_mse_gradient(n, k, seed):
+    rng = np.random.default_rng(seed)
+    logits, labels = rng.standard_normal((n, k)), rng.integers(0, k, n)
     loss = minicnn.MSELoss()
     loss.forward(logits, labels)
     analytic = loss.backward()
