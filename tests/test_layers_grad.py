@@ -249,3 +249,21 @@ def test_gradcheck_catches_a_wrong_backward(float64):
 
     report = minicnn.gradcheck(WrongDense(3, 2), np.random.default_rng(0).standard_normal((4, 3)))
     assert not report.ok and report.errors["W"] > 1e-3 and report.errors["x"] < TOL
+
+
+@given(k=st.tuples(st.integers(1, 3), st.integers(1, 3)), n=st.integers(1, 3), h=st.integers(3, 9),
+       w=st.integers(3, 9), seed=st.integers(0, 2**31 - 1))
+@settings(**SETTINGS)
+def test_separable_maxpool_equals_the_general_path_even_with_ties(k, n, h, w, seed):
+    """Non-overlapping max-pool runs a faster two-stage path; it must route gradients like the general one."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-2, 3, (n, 2, h, w)).astype(np.float64)  # few values: many ties
+    if h < k[0] or w < k[1]:
+        return
+    fast, slow = minicnn.MaxPool2D(k), minicnn.MaxPool2D(k)
+    out_fast = fast.forward(x)
+    out_slow = slow._forward_general(x, slow._offsets(x, -np.inf))
+    assert fast.cache[0] == "separable"
+    np.testing.assert_array_equal(out_fast, out_slow)
+    dout = rng.standard_normal(out_fast.shape)
+    np.testing.assert_array_equal(fast.backward(dout), slow._backward_general(dout))

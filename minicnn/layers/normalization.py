@@ -37,6 +37,7 @@ class _BatchNorm(Layer):
 
     axes: tuple = ()
     layout: str = ""
+    sum_of_products: str = ""  # einsum: per-feature sum of a * b over the reduced axes
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5):
         super().__init__()
@@ -68,7 +69,7 @@ class _BatchNorm(Layer):
                 raise ValueError(f"{self!r}: training needs more than one value per feature, got input {x.shape}")
             mu = x.mean(axis=self.axes, keepdims=True)
             xhat = x - mu
-            var = xp.square(xhat).mean(axis=self.axes, keepdims=True)
+            var = self._shape(xp.einsum(self.sum_of_products, xhat, xhat) / m)  # no (x - mu)**2 temporary
             inv_std = (1.0 / xp.sqrt(var + self.eps)).astype(x.dtype, copy=False)
             xhat *= inv_std  # in place: x - mu is not needed any more
             mom = self.momentum
@@ -86,10 +87,11 @@ class _BatchNorm(Layer):
         return out
 
     def backward(self, dout):
+        xp = get_array_module(dout)
         batch_stats, xhat, inv_std = self.cache
         gamma = self._shape(self.params["gamma"])
         dbeta = dout.sum(axis=self.axes)
-        dgamma = (dout * xhat).sum(axis=self.axes)
+        dgamma = xp.einsum(self.sum_of_products, dout, xhat)  # sum of dout * xhat, no temporary
         self.grads["gamma"], self.grads["beta"] = dgamma, dbeta
         if not batch_stats:
             return dout * (gamma * inv_std)
@@ -108,6 +110,7 @@ class BatchNorm1D(_BatchNorm):
 
     axes = (0,)
     layout = "(N, {})"
+    sum_of_products = "nc,nc->c"
 
 
 class BatchNorm2D(_BatchNorm):
@@ -115,3 +118,4 @@ class BatchNorm2D(_BatchNorm):
 
     axes = (0, 2, 3)
     layout = "(N, {}, H, W)"
+    sum_of_products = "nchw,nchw->c"

@@ -17,6 +17,16 @@ from .conv import _pad, conv_output_size, pair
 __all__ = ["MaxPool2D", "AvgPool2D", "GlobalAvgPool2D"]
 
 
+def _record_winner(arg, better, k):
+    """arg = k where ``better``, else unchanged, for offsets k visited in increasing order.
+
+    Since every earlier winner is < k, this is ``arg = max(arg, k * better)``: one
+    small uint8 operation (``copyto(where=)`` / ``where`` were 20-35x slower here).
+    """
+    xp = get_array_module(arg)
+    xp.maximum(arg, better.view(xp.uint8) * xp.uint8(k), out=arg)
+
+
 class _Pool2D(Layer):
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
@@ -76,8 +86,19 @@ class MaxPool2D(_Pool2D):
     """
 
     def forward(self, x, training=True):
-        xp = get_array_module(x)
         xpad = self._offsets(x, -np.inf)
+        if self.stride == self.kernel_size and self.padding == (0, 0):
+            return self._forward_separable(x)
+        return self._forward_general(x, xpad)
+
+    def backward(self, dout):
+        if self.cache[0] == "separable":
+            return self._backward_separable(dout)
+        return self._backward_general(dout)
+
+    # -- any kernel, stride and padding: one pass per kernel offset ------------------------
+    def _forward_general(self, x, xpad):
+        xp = get_array_module(x)
         out, arg = None, None
         for k, sl in enumerate(self._slices):
             view = xpad[sl]
@@ -85,27 +106,59 @@ class MaxPool2D(_Pool2D):
                 out = view.copy()
                 arg = xp.zeros(out.shape, dtype=np.uint8)
                 continue
-            better = view > out  # strict: the first maximum wins ties
+            _record_winner(arg, view > out, k)  # strict ">": the first maximum wins ties
             xp.maximum(out, view, out=out)
-            xp.copyto(arg, k, where=better)  # (much faster than boolean-mask assignment)
-        self.cache = (x.shape, xpad.shape, arg)
+        self.cache = ("general", x.shape, xpad.shape, arg)
         return out
 
-    def backward(self, dout):
+    def _backward_general(self, dout):
         xp = get_array_module(dout)
-        x_shape, padded_shape, arg = self.cache
+        _, x_shape, padded_shape, arg = self.cache
         dxpad = xp.zeros(padded_shape, dtype=dout.dtype)
-        if self.stride == self.kernel_size:
-            # Windows do not overlap: every input pixel belongs to one window at most, so
-            # each offset's share can be written straight into its strided slice.
-            for k, sl in enumerate(self._slices):
-                xp.multiply(dout, arg == k, out=dxpad[sl])
-        else:
-            zero = dout.dtype.type(0)
-            for k, sl in enumerate(self._slices):
-                dxpad[sl] += xp.where(arg == k, dout, zero)
+        zero = dout.dtype.type(0)
+        for k, sl in enumerate(self._slices):
+            dxpad[sl] += xp.where(arg == k, dout, zero)
         self.cache = None
         return self._unpad(dxpad, x_shape)
+
+    # -- non-overlapping windows (stride == kernel, no padding): max along W, then along H --
+    # The max of a window is the max over its rows of each row's max, so two cheap passes
+    # (KW strided reads, then KH reads of a 1/KW-size array) replace KH * KW strided ones.
+    # Ties: the first column wins within a row, then the first row: the first maximum in
+    # row-major order, as in PyTorch.
+    def _forward_separable(self, x):
+        xp = get_array_module(x)
+        (kh, kw) = self.kernel_size
+        oh, ow = self.output_shape(x.shape[2], x.shape[3])
+        xc = x[:, :, : oh * kh, : ow * kw]
+        colmax = xc[..., 0::kw].copy()  # (N, C, OH*KH, OW): max of each row segment
+        colarg = xp.zeros(colmax.shape, dtype=np.uint8)
+        for v in range(1, kw):
+            view = xc[..., v::kw]
+            _record_winner(colarg, view > colmax, v)
+            xp.maximum(colmax, view, out=colmax)
+        out = colmax[:, :, 0::kh].copy()  # (N, C, OH, OW)
+        rowarg = xp.zeros(out.shape, dtype=np.uint8)
+        for u in range(1, kh):
+            view = colmax[:, :, u::kh]
+            _record_winner(rowarg, view > out, u)
+            xp.maximum(out, view, out=out)
+        self.cache = ("separable", x.shape, colarg, rowarg)
+        return out
+
+    def _backward_separable(self, dout):
+        xp = get_array_module(dout)
+        _, x_shape, colarg, rowarg = self.cache
+        kh, kw = self.kernel_size
+        oh, ow = dout.shape[2], dout.shape[3]
+        drow = xp.empty((dout.shape[0], dout.shape[1], oh * kh, ow), dtype=dout.dtype)
+        for u in range(kh):  # each window's gradient goes to its winning row ...
+            xp.multiply(dout, rowarg == u, out=drow[:, :, u::kh])
+        dx = xp.zeros(x_shape, dtype=dout.dtype)
+        for v in range(kw):  # ... and within that row to its winning column
+            xp.multiply(drow, colarg == v, out=dx[:, :, : oh * kh, v : ow * kw : kw])
+        self.cache = None
+        return dx
 
 
 class AvgPool2D(_Pool2D):
