@@ -27,6 +27,12 @@ class CheckpointError(ValueError):
     """A file that cannot be used as a minicnn checkpoint; the message says why."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_npz(path, arrays: dict, meta: dict | None = None) -> Path:
     """Write ``arrays`` (name -> array, host or device) and ``meta`` (JSON-able) atomically."""
     path = Path(path)
@@ -46,6 +52,7 @@ def save_npz(path, arrays: dict, meta: dict | None = None) -> Path:
             np.savez(fh, **payload)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -107,10 +107,16 @@ def test_save_load_round_trip_is_exact(tmp_path, name):
 
 
 def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path):
+    import os
+    import stat
+
     model = build_model("hw3_dnn")
     model.save(tmp_path / "m.npz")
     model.save(tmp_path / "m.npz")  # overwrite in place
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "m.npz").stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
 
 
 def _state_copy(model):
