@@ -106,7 +106,9 @@ def plot_history(history, path) -> Path:
     :class:`minicnn.training.Trainer` (keys ``epoch``, ``train_loss``,
     ``train_acc``, ``val_loss``, ``val_acc``; validation values may be None
     when a run had no validation split, and are then not drawn). The epoch of
-    the best validation accuracy is marked.
+    the best validation accuracy is marked. Rows may carry ``phase`` (runs
+    chained with ``train.py --init-from``): a dotted line marks where each
+    later phase begins.
     """
     history = list(history)
     if not history:
@@ -128,6 +130,13 @@ def plot_history(history, path) -> Path:
         ax.set_title(f"{label} per epoch")
         ax.grid(True, alpha=0.3)
         ax.legend()
+    phases = [h.get("phase", 0) for h in history]
+    for i in range(1, len(history)):
+        if phases[i] != phases[i - 1]:
+            for ax in axes:
+                ax.axvline(epochs[i] - 0.5, color="tab:green", linestyle=":", linewidth=1.2)
+            axes[0].annotate(f"phase {phases[i] + 1}", (epochs[i] - 0.5, 1.0), xycoords=("data", "axes fraction"),
+                             textcoords="offset points", xytext=(3, -12), fontsize=8, color="tab:green")
     val_acc = column("val_acc")
     if np.isfinite(val_acc).any():
         best = int(np.nanargmax(val_acc))

@@ -18,6 +18,7 @@ import minicnn
 from minicnn.data import CLASS_NAMES, Normalizer, load_fer2013
 from minicnn.inference import predict_proba, predict_tta, tta_views
 from minicnn.models import build_model
+from minicnn.checkpoint import load_npz, save_npz
 from minicnn.training import save_checkpoint
 
 Image = pytest.importorskip("PIL.Image")
@@ -334,3 +335,97 @@ def test_train_augmentation_presets_and_overrides():
     assert crop == {"flip": True, "rotation": 0.0, "shift": 0.0, "zoom": (0.9, 1.1), "crop_padding": 4}
     off = train.augmentation_settings(train.parse_args(["--no-augment"]))
     assert not any(v for k, v in off.items() if k != "zoom") and off["zoom"] == (1.0, 1.0)
+
+
+# --------------------------------------------------------------------------- train.py --init-from
+
+
+def fine_tune_argv(data, init, out, *extra):
+    return ["--data", str(data), "--init-from", str(init), "--out", str(out), "--limit", "64", "--batch-size", "16",
+            "--no-progress", "--no-test", *extra]
+
+
+def test_init_from_starts_a_new_run_from_the_checkpoint_weights(fer_run, tmp_path, capsys, cache_env):
+    data, run = fer_run
+    out = tmp_path / "phase2"
+    # A copy of the checkpoint with other normalisation statistics than this run's data would give: the new
+    # run must take the checkpoint's, on which its weights were trained.
+    arrays, meta = load_npz(run / "best.npz")
+    arrays = {k: (v * 1.5 + 1 if k.startswith("data/norm/") and v.dtype.kind == "f" else v) for k, v in arrays.items()}
+    save_npz(tmp_path / "init.npz", arrays, meta)
+    # --epochs 0: nothing is trained, so last.npz holds exactly the state the new run starts from.
+    rc = train_script.main(fine_tune_argv(data, tmp_path / "init.npz", out, "--epochs", "0", "--lr", "1e-4"))
+    assert rc == 0
+    capsys.readouterr()
+    start, start_arrays, start_meta = minicnn.training.load_checkpoint(out / "last.npz")
+    init, init_arrays, init_meta = minicnn.training.load_checkpoint(tmp_path / "init.npz")
+    for name, value in init.state_arrays().items():
+        np.testing.assert_array_equal(start.state_arrays()[name], value, err_msg=name)
+    norm_keys = sorted(k for k in init_arrays if k.startswith("data/norm/"))
+    assert norm_keys and norm_keys == sorted(k for k in start_arrays if k.startswith("data/norm/"))
+    for name in norm_keys:
+        np.testing.assert_array_equal(start_arrays[name], init_arrays[name], err_msg=name)
+    assert start_meta["epoch"] == 0 and start_meta["history"] == []  # a fresh epoch count and history
+    assert float(start_arrays["optim/lr"]) == pytest.approx(1e-4) and int(start_arrays["optim/step"]) == 0
+    assert start_meta["init"]["checkpoint"] == str(tmp_path / "init.npz")
+    assert start_meta["init"]["epoch"] == init_meta["epoch"] == 1
+    assert [h["epoch"] for h in start_meta["init"]["epochs_before"]] == [1]
+
+    # One epoch of the second phase trains and counts from 1 again.
+    rc = train_script.main(fine_tune_argv(data, run / "best.npz", out, "--epochs", "1"))
+    assert rc == 0
+    after, _, after_meta = minicnn.training.load_checkpoint(out / "last.npz")
+    assert after_meta["epoch"] == 1 and [h["epoch"] for h in after_meta["history"]] == [1]
+    changed = [k for k, v in init.state_arrays().items() if not np.array_equal(after.state_arrays()[k], v)]
+    assert changed, "a trained epoch left every weight as it was"
+
+    # evaluate.py counts both phases and names the starting point.
+    capsys.readouterr()
+    rc, out_text, err = run_main(evaluate_script, ["--checkpoint", str(out / "last.npz"), "--data", str(data)], capsys)
+    assert rc == 0, err
+    info = json.loads(out_text)["checkpoint"]
+    assert info["epoch"] == 1 and info["epochs_total"] == 2 and info["init_from"] == str(run / "best.npz")
+
+
+def test_full_history_numbers_the_epochs_of_chained_phases():
+    sys.path.insert(0, str(EXAMPLES))
+    from common import full_history  # noqa: PLC0415
+
+    first = {"history": [{"epoch": e, "val_acc": 0.1 * e} for e in (1, 2, 3)]}
+    assert [(h["epoch"], h["phase"], h["phase_epoch"]) for h in full_history(first)] == [(1, 0, 1), (2, 0, 2), (3, 0, 3)]
+    second = {"history": [{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.6}],
+              "init": {"epochs_before": full_history(first)}}
+    rows = full_history(second)
+    assert [(h["epoch"], h["phase"], h["phase_epoch"]) for h in rows] == [
+        (1, 0, 1), (2, 0, 2), (3, 0, 3), (4, 1, 1), (5, 1, 2)]
+    assert [h["val_acc"] for h in rows] == pytest.approx([0.1, 0.2, 0.3, 0.5, 0.6])
+    third = {"history": [{"epoch": 1}], "init": {"epochs_before": rows}}
+    assert [(h["epoch"], h["phase"]) for h in full_history(third)][-2:] == [(5, 1), (6, 2)]
+    # Histories written before phases existed (no "phase" key) count as the first phase.
+    legacy = {"history": [{"epoch": 1}], "init": {"epochs_before": [{"epoch": 1}, {"epoch": 2}]}}
+    assert [(h["epoch"], h["phase"]) for h in full_history(legacy)] == [(1, 0), (2, 0), (3, 1)]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "hw3_dnn"], "holds a 'hw3_cnn' network"),
+    (["--seed", "1"], "--seed 0 there, 1 here"),
+    (["--val-fraction", "0.2"], "--val-fraction"),
+    (["--classes", "6"], "classes"),
+    (["--resume"], "give one of them"),
+])
+def test_init_from_refuses_what_does_not_fit(fer_run, tmp_path, cache_env, extra, message):
+    data, run = fer_run
+    with pytest.raises(SystemExit) as exc:
+        train_script.main(fine_tune_argv(data, run / "best.npz", tmp_path / "out", "--epochs", "1", *extra))
+    assert message in str(exc.value) and "--init-from" in str(exc.value)
+    assert not (tmp_path / "out" / "last.npz").exists()
+
+
+def test_init_from_a_missing_or_foreign_file_names_it(fer_run, tmp_path, cache_env):
+    data, _ = fer_run
+    for path in (tmp_path / "nope.npz", tmp_path / "plain.npz"):
+        if path.name == "plain.npz":
+            np.savez(path, x=np.zeros(3))
+        with pytest.raises(SystemExit) as exc:
+            train_script.main(fine_tune_argv(data, path, tmp_path / "out", "--epochs", "1"))
+        assert str(path) in str(exc.value)

@@ -125,6 +125,8 @@ def test_plots_write_valid_pngs(tmp_path, float64):
     assert_png(tmp_path / "h.png")
     no_val = [dict(h, val_loss=None, val_acc=None) for h in history]
     assert_png(viz.plot_history(no_val, tmp_path / "sub" / "h2.png"))  # folders are created
+    phased = [dict(h, phase=int(h["epoch"] > 3)) for h in history]  # train.py --init-from after epoch 3
+    assert_png(viz.plot_history(phased, tmp_path / "h3.png"))
 
     y_true = rng.integers(0, 7, 60)
     y_pred = np.where(rng.random(60) < 0.5, y_true, rng.integers(0, 7, 60))

@@ -63,5 +63,25 @@ def open_checkpoint(path):
     return model, norm, list(class_names), meta
 
 
-__all__ = ["resolve_data_path", "select_classes", "to_model_input", "open_checkpoint", "PRETRAINED",
+def full_history(meta: dict) -> list[dict]:
+    """The epochs behind a checkpoint, across ``--init-from`` phases: one row per epoch, numbered on.
+
+    A run started with ``--init-from`` keeps the history of the weights it
+    started from under ``meta["init"]["epochs_before"]`` (itself already a
+    full history); its own epochs follow, renumbered to continue the count,
+    with their per-run number kept as ``phase_epoch``. Each row carries
+    ``phase`` (0 for the first run) so plots can mark where a phase began.
+    """
+    before = [dict(h) for h in ((meta.get("init") or {}).get("epochs_before") or [])]
+    for h in before:
+        h.setdefault("phase", 0)
+        h.setdefault("phase_epoch", h.get("epoch"))
+    phase = before[-1]["phase"] + 1 if before else 0
+    rows = []
+    for i, h in enumerate(meta.get("history") or []):
+        rows.append(dict(h, epoch=len(before) + i + 1, phase=phase, phase_epoch=h.get("epoch", i + 1)))
+    return before + rows
+
+
+__all__ = ["resolve_data_path", "full_history", "select_classes", "to_model_input", "open_checkpoint", "PRETRAINED",
            "load_fer2013", "stratified_split"]

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
-from common import PRETRAINED, open_checkpoint, resolve_data_path, select_classes, to_model_input  # noqa: E402
+from common import PRETRAINED, full_history, open_checkpoint, resolve_data_path, select_classes, to_model_input  # noqa: E402
 from minicnn.backend import BackendUnavailableError  # noqa: E402
 from minicnn.data import DataError, load_fer2013, stratified_split  # noqa: E402
 from minicnn.inference import predict_proba, predict_tta  # noqa: E402
@@ -110,14 +110,21 @@ def load_split(data_path, split: str, targs: dict, class_names):
 
 
 def checkpoint_info(path, model, meta: dict, class_names) -> dict:
-    """What the JSON says about the checkpoint: model, epoch, history, training data."""
+    """What the JSON says about the checkpoint: model, epoch, history, training data.
+
+    ``epoch`` counts the epochs of the run that wrote the checkpoint;
+    ``epochs_total`` adds those of the runs it was started from (``--init-from``).
+    """
     history = meta.get("history") or []
     val_accs = [h["val_acc"] for h in history if h.get("val_acc") is not None]
+    init = meta.get("init") or {}
     return {
         "path": str(path),
         "model": model.name,
         "config": model.config,
         "epoch": meta.get("epoch"),
+        "epochs_total": (meta.get("epoch") or 0) + len(init.get("epochs_before") or []),
+        "init_from": init.get("checkpoint"),
         "history_length": len(history),
         "best_val_acc": max(val_accs) if val_accs else None,
         "class_names": list(class_names),
@@ -150,7 +157,7 @@ def make_plots(out_dir, model, norm, ds, probs, class_names, meta, seed=0):
     written, skipped = {}, {}
     y_pred = probs.argmax(axis=1)
 
-    history = meta.get("history") or []
+    history = full_history(meta)  # every phase of training, when the run was started with --init-from
     if history:
         written["history"] = viz.plot_history(history, out_dir / "history.png")
     else:

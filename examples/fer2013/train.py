@@ -4,6 +4,8 @@
     python examples/fer2013/train.py --backend cupy            # the HW3 recipe for hw3_cnn
     python examples/fer2013/train.py --model ece662_resnet --optimizer sgd --lr 0.01 --schedule plateau
     python examples/fer2013/train.py --out runs/hw3 --resume   # continue an interrupted run
+    python examples/fer2013/train.py --init-from runs/hw3/best.npz --lr 3e-4 --schedule cosine \
+        --epochs 20 --out runs/hw3_ft                           # a second phase: fresh optimiser and schedule
 
 Defaults reproduce the Machine Learning Homework 3 recipe: hw3_cnn, Adam 1e-3,
 per-pixel mean centring, rotation +-30 deg, horizontal flips, shifts of +-10 %,
@@ -14,6 +16,12 @@ patience 5) and 60 epochs are this script's choices.
 Training uses FER-2013 "Training" minus a stratified validation
 split (--val-fraction); the best epoch on validation is evaluated on
 "PublicTest" at the end (test_metrics.json in --out).
+
+--init-from starts a new run from a checkpoint's weights and normalisation
+(fine-tuning, or a learning-rate decay phase after a constant-rate one). It
+refuses a checkpoint of another network, other classes or another
+train/validation split, whose weights would have seen this run's validation
+images; the checkpoint's path, epoch and history are kept under "init".
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
-from common import open_checkpoint, resolve_data_path, select_classes, to_model_input  # noqa: E402
+from common import full_history, open_checkpoint, resolve_data_path, select_classes, to_model_input  # noqa: E402
 from minicnn.data import Augmenter, Normalizer, load_fer2013, stratified_split  # noqa: E402
 from minicnn.losses import MSELoss, SoftmaxCrossEntropy  # noqa: E402
 from minicnn.metrics import classification_report  # noqa: E402
@@ -99,10 +107,40 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="train on the first N training images (smoke tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.npz")
+    p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from these weights (and their normalisation) with a fresh optimiser, schedule and "
+                        "epoch count: a second, fine-tuning phase with another recipe, written to a new --out")
     p.add_argument("--log-every", type=int, default=20, help="steps between progress updates")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-test", action="store_true", help="skip the final PublicTest evaluation")
     return p.parse_args(argv)
+
+
+# The options that decide which images land in the validation split: a second phase must keep them, or its
+# validation set would hold images the initial weights were trained on.
+SPLIT_OPTIONS = ("seed", "val_fraction", "classes", "undersample", "limit")
+
+
+def load_initial_weights(path, args, class_names):
+    """Weights, normaliser and provenance of a checkpoint to start a new run from (``--init-from``)."""
+    model_name = args.model
+    try:
+        model, norm, saved_classes, meta = open_checkpoint(path)
+    except (OSError, minicnn.CheckpointError) as exc:
+        sys.exit(f"error: --init-from {path}: {exc}")
+    saved_model = (meta.get("model") or {}).get("name")
+    if saved_model != model_name:
+        sys.exit(f"error: --init-from {path} holds a {saved_model!r} network, this run trains {model_name!r} (--model)")
+    if saved_classes != class_names:
+        sys.exit(f"error: --init-from {path} was trained on classes {saved_classes}, this run has {class_names}")
+    saved_args = meta.get("args", {})
+    changed = [f"--{k.replace('_', '-')} {saved_args[k]!r} there, {getattr(args, k)!r} here"
+               for k in SPLIT_OPTIONS if k in saved_args and saved_args[k] != getattr(args, k)]
+    if changed:
+        sys.exit(f"error: --init-from {path} used another train/validation split ({'; '.join(changed)}): "
+                 "its weights have seen images of this run's validation set")
+    provenance = {"checkpoint": str(path), "epoch": meta.get("epoch"), "epochs_before": full_history(meta)}
+    return {"model": model, "norm": norm, "epoch": meta.get("epoch"), "provenance": provenance}
 
 
 def main(argv=None):
@@ -125,10 +163,19 @@ def main(argv=None):
         train_ds = train_ds.subset(rng.permutation(len(train_ds))[: args.limit])
         val_ds = val_ds.subset(rng.permutation(len(val_ds))[: max(args.limit // 4, 1)])
     norm = Normalizer(args.normalize).fit(train_ds.images)  # statistics from the training split only
+    init = None
+    if args.init_from:
+        if args.resume:
+            sys.exit("error: --init-from starts a new run and --resume continues one: give one of them")
+        init = load_initial_weights(args.init_from, args, list(pool.class_names))
+        norm = init["norm"]  # the weights were learnt on inputs normalised this way
     x_train, x_val = to_model_input(norm, train_ds.images), to_model_input(norm, val_ds.images)
     print(f"train {len(train_ds)}, validation {len(val_ds)}, test {len(test)}, classes {list(pool.class_names)}")
 
     model = build_model(args.model, num_classes=len(pool.class_names))
+    if init is not None:
+        model.load_state_arrays(init["model"].state_arrays(), source=args.init_from)
+        print(f"initialised from {args.init_from} (epoch {init['epoch']} of its run)")
     opt_kw = {"lr": args.lr, "weight_decay": args.weight_decay}
     if args.optimizer in ("sgd", "rmsprop"):
         opt_kw["momentum"] = args.momentum
@@ -156,7 +203,7 @@ def main(argv=None):
         early_stopping=args.early_stopping, clip_norm=args.clip_norm, log_every=args.log_every,
         progress=not args.no_progress,
         extra_meta={"class_names": list(pool.class_names), "args": vars(args) | {"data": str(data_path)},
-                    "backend": args.backend},
+                    "backend": args.backend, **({"init": init["provenance"]} if init else {})},
         extra_arrays=norm.to_arrays(prefix="data/norm/"),
     )
     try:
