@@ -123,14 +123,13 @@ SPLIT_OPTIONS = ("seed", "val_fraction", "classes", "undersample", "limit")
 
 def load_initial_weights(path, args, class_names):
     """Weights, normaliser and provenance of a checkpoint to start a new run from (``--init-from``)."""
-    model_name = args.model
     try:
         model, norm, saved_classes, meta = open_checkpoint(path)
     except (OSError, minicnn.CheckpointError) as exc:
         sys.exit(f"error: --init-from {path}: {exc}")
     saved_model = (meta.get("model") or {}).get("name")
-    if saved_model != model_name:
-        sys.exit(f"error: --init-from {path} holds a {saved_model!r} network, this run trains {model_name!r} (--model)")
+    if saved_model != args.model:
+        sys.exit(f"error: --init-from {path} holds a {saved_model!r} network, this run trains {args.model!r} (--model)")
     if saved_classes != class_names:
         sys.exit(f"error: --init-from {path} was trained on classes {saved_classes}, this run has {class_names}")
     saved_args = meta.get("args", {})
@@ -140,11 +139,13 @@ def load_initial_weights(path, args, class_names):
         sys.exit(f"error: --init-from {path} used another train/validation split ({'; '.join(changed)}): "
                  "its weights have seen images of this run's validation set")
     provenance = {"checkpoint": str(path), "epoch": meta.get("epoch"), "epochs_before": full_history(meta)}
-    return {"model": model, "norm": norm, "epoch": meta.get("epoch"), "provenance": provenance}
+    return {"model": model, "norm": norm, "provenance": provenance}
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.init_from and args.resume:  # before the data is loaded
+        sys.exit("error: --init-from starts a new run and --resume continues one: give one of them")
     minicnn.set_backend(args.backend)
     minicnn.backend.use_heap_allocator()  # fewer page faults per step on the CPU (see its docstring)
     minicnn.seed(args.seed)
@@ -162,20 +163,16 @@ def main(argv=None):
         rng = np.random.default_rng(args.seed)
         train_ds = train_ds.subset(rng.permutation(len(train_ds))[: args.limit])
         val_ds = val_ds.subset(rng.permutation(len(val_ds))[: max(args.limit // 4, 1)])
-    norm = Normalizer(args.normalize).fit(train_ds.images)  # statistics from the training split only
-    init = None
-    if args.init_from:
-        if args.resume:
-            sys.exit("error: --init-from starts a new run and --resume continues one: give one of them")
-        init = load_initial_weights(args.init_from, args, list(pool.class_names))
-        norm = init["norm"]  # the weights were learnt on inputs normalised this way
+    init = load_initial_weights(args.init_from, args, list(pool.class_names)) if args.init_from else None
+    # Statistics from the training split only; with --init-from, those the initial weights were learnt with.
+    norm = init["norm"] if init else Normalizer(args.normalize).fit(train_ds.images)
     x_train, x_val = to_model_input(norm, train_ds.images), to_model_input(norm, val_ds.images)
     print(f"train {len(train_ds)}, validation {len(val_ds)}, test {len(test)}, classes {list(pool.class_names)}")
 
     model = build_model(args.model, num_classes=len(pool.class_names))
     if init is not None:
         model.load_state_arrays(init["model"].state_arrays(), source=args.init_from)
-        print(f"initialised from {args.init_from} (epoch {init['epoch']} of its run)")
+        print(f"initialised from {args.init_from} (epoch {init['provenance']['epoch']} of its run)")
     opt_kw = {"lr": args.lr, "weight_decay": args.weight_decay}
     if args.optimizer in ("sgd", "rmsprop"):
         opt_kw["momentum"] = args.momentum
