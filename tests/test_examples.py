@@ -36,7 +36,8 @@ def load_script(name):
     return module
 
 
-train_script, evaluate_script, predict_script = (load_script(n) for n in ("train", "evaluate", "predict"))
+train_script, evaluate_script, predict_script, precise_bn_script = (
+    load_script(n) for n in ("train", "evaluate", "predict", "precise_bn"))
 
 
 def assert_png(path, min_bytes=2_000):
@@ -152,7 +153,72 @@ def test_evaluate_rebuilds_the_validation_split_of_training(fer_run, capsys, cac
     assert rc == 0, err
     result = json.loads(out)
     check_report(result, 7, CLASS_NAMES)
-    assert result["tta"] is True
+    assert result["tta"] is True and result["tta_padding"] == 4
+
+    # --tta-padding reaches the crops: other shifts, other averaged probabilities, another loss.
+    rc, out, err = run_main(evaluate_script, ["--checkpoint", ckpt, "--data", str(data), "--split", "val", "--tta",
+                                              "--tta-padding", "2"], capsys)
+    assert rc == 0, err
+    shifted = json.loads(out)
+    assert shifted["tta_padding"] == 2 and shifted["loss"] != pytest.approx(result["loss"], abs=1e-9)
+    with pytest.raises(SystemExit):
+        evaluate_script.parse_args(["--tta", "--tta-padding", "24"])
+    assert "--tta-padding must be between 0 and 23" in capsys.readouterr().err
+
+
+def test_precise_bn_recalibrates_on_the_clean_training_split(fer_run, tmp_path, capsys, cache_env):
+    from common import load_split, open_checkpoint, to_model_input, training_args  # the example's own helpers
+
+    data, run = fer_run
+    src = run / "best.npz"
+    src_bytes = src.read_bytes()
+    out = tmp_path / "pbn.npz"
+    rc, stdout, err = run_main(precise_bn_script, ["--checkpoint", str(src), "--out", str(out), "--data", str(data),
+                                                   "--batch-size", "16"], capsys)
+    assert rc == 0, err
+    record = json.loads(stdout)
+    assert record["out"] == str(out) and record["source"] == str(src)
+    assert (record["images"], record["batches"], record["batchnorm_layers"]) == (63, 3, 6)  # 70 minus 7 for val
+    assert src.read_bytes() == src_bytes  # the source is left as it is
+
+    # Expected: the source network recalibrated on train.py's training images (not val, not test),
+    # normalised with the checkpoint's statistics, not augmented.
+    model, norm, names, meta = open_checkpoint(src)
+    old_buffers = {k: v.copy() for k, v in model.state_arrays().items() if k.startswith("buffer/")}
+    train_ds = load_split(data, "train", training_args(meta, names), names)
+    minicnn.recalibrate_batchnorm(model, to_model_input(norm, train_ds.images), batch_size=16, seed=0)
+    new_model, new_norm, new_names, new_meta = open_checkpoint(out)
+    got, want = new_model.state_arrays(), model.state_arrays()
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert any(not np.allclose(want[k], old_buffers[k]) for k in old_buffers)
+    for k, v in norm.to_arrays().items():
+        np.testing.assert_array_equal(new_norm.to_arrays()[k], v)
+    assert new_names == names and new_meta["history"] == meta["history"]
+    assert new_meta["batchnorm_recalibration"]["val_after"] == record["val_after"]
+
+    # The figures it prints are evaluate.py's on the validation split, before and after.
+    for ckpt, key in ((src, "val_before"), (out, "val_after")):
+        rc, stdout, err = run_main(evaluate_script, ["--checkpoint", str(ckpt), "--data", str(data), "--split", "val"],
+                                   capsys)
+        assert rc == 0, err
+        result = json.loads(stdout)
+        assert result["accuracy"] == pytest.approx(record[key]["accuracy"])
+        assert result["loss"] == pytest.approx(record[key]["loss"], abs=1e-5)
+    assert result["checkpoint"]["batchnorm_recalibration"]["source"] == str(src)
+
+
+def test_precise_bn_refuses_to_overwrite_and_names_a_bad_checkpoint(fer_run, tmp_path, capsys, cache_env):
+    data, run = fer_run
+    with pytest.raises(SystemExit):
+        precise_bn_script.parse_args(["--checkpoint", str(run / "best.npz"), "--out", str(run / "best.npz")])
+    assert "--out must differ from --checkpoint" in capsys.readouterr().err
+    missing = tmp_path / "nope.npz"
+    rc, _, err = run_main(precise_bn_script, ["--checkpoint", str(missing), "--out", str(tmp_path / "o.npz"),
+                                              "--data", str(data)], capsys)
+    assert rc == 2 and str(missing) in err
+    assert not (tmp_path / "o.npz").exists()
 
 
 def test_evaluate_merges_disgust_for_a_six_class_checkpoint(fer_run, tmp_path, capsys, cache_env):

@@ -133,6 +133,23 @@ def test_whole_training_step_parity():
         np.testing.assert_allclose(results[1][1][k], v, rtol=1e-3, atol=1e-4, err_msg=k)
 
 
+@pytest.mark.parametrize("x_on_device", [False, True])
+def test_recalibrate_batchnorm_parity(x_on_device):
+    """Precise BN on the GPU (inputs on the host or the device) gives the CPU's running statistics."""
+    import cupy
+
+    x = np.random.default_rng(6).standard_normal((40, 1, 48, 48)).astype(np.float32)
+    minicnn.set_backend("numpy")
+    cpu = minicnn.build_model("hw3_cnn")
+    minicnn.set_backend("cupy")
+    gpu = minicnn.build_model("hw3_cnn")
+    _copy_state(cpu, gpu)
+    minicnn.recalibrate_batchnorm(cpu, x, batch_size=16)
+    minicnn.recalibrate_batchnorm(gpu, cupy.asarray(x) if x_on_device else x, batch_size=16)
+    for k, v in cpu.state_arrays().items():
+        np.testing.assert_allclose(minicnn.to_host(gpu.state_arrays()[k]), v, rtol=1e-3, atol=1e-4, err_msg=k)
+
+
 def test_augmentation_and_training_loop_run_on_the_gpu(tmp_path):
     """The Trainer keeps data on the device and returns host numbers once per epoch."""
     import cupy

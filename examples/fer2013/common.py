@@ -1,4 +1,4 @@
-"""What train.py, evaluate.py and predict.py share: finding the data, preparing it, reading checkpoints."""
+"""What the FER-2013 scripts share: finding the data, preparing it, reading checkpoints, rebuilding splits."""
 from __future__ import annotations
 
 import os
@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 
 import minicnn
-from minicnn.data import Normalizer, load_fer2013, merge_disgust_into_angry, stratified_split, undersample
+from minicnn.data import DataError, Normalizer, load_fer2013, merge_disgust_into_angry, stratified_split, undersample
 from minicnn.training import load_checkpoint
 
 HERE = Path(__file__).resolve().parent
 PRETRAINED = HERE / "pretrained" / "hw3_cnn.npz"
+# train.py's defaults, used when a checkpoint does not record its arguments
+TRAIN_DEFAULTS = {"val_fraction": 0.1, "seed": 0, "undersample": None, "limit": None}
 
 WHERE_TO_GET_IT = """FER-2013 was not found. Get it from Kaggle, either
   - the image folders of https://www.kaggle.com/datasets/msambare/fer2013 (train/<class>/*.jpg, test/<class>/*.jpg), or
@@ -84,4 +86,46 @@ def full_history(meta: dict) -> list[dict]:
 
 
 __all__ = ["resolve_data_path", "full_history", "select_classes", "to_model_input", "open_checkpoint", "PRETRAINED",
-           "load_fer2013", "stratified_split"]
+           "load_fer2013", "stratified_split", "training_args", "load_split", "TRAIN_DEFAULTS"]
+
+
+def training_args(meta: dict, class_names) -> dict:
+    """train.py's arguments from the checkpoint, with train.py's defaults for what is missing."""
+    args = dict(TRAIN_DEFAULTS)
+    args.update(meta.get("args") or {})
+    # The number of classes is a property of the network: trust the class names over the arguments.
+    args["classes"] = len(class_names)
+    return args
+
+
+def load_split(data_path, split: str, targs: dict, class_names):
+    """The FERDataset of ``split`` ("test", "val" or "train") as the checkpoint's training run saw it.
+
+    ``test`` is PublicTest (disgust merged into angry for a 6-class run, never
+    undersampled); ``val`` and ``train`` are rebuilt from ``targs`` (the run's
+    --classes, --undersample, --val-fraction, --seed, --limit) by train.py's
+    own steps, so they hold the very images it validated and trained on.
+    """
+    ds = load_fer2013(data_path)
+    seed = int(targs["seed"])
+    if split == "test":
+        # The test set is never undersampled: only the class merge applies.
+        ds = select_classes(ds.split("PublicTest"), targs["classes"], None, seed)
+        if len(ds) == 0:
+            raise DataError(f"{data_path}: holds no PublicTest images (test/<class>/*.jpg or Usage=PublicTest)")
+    else:
+        # Exactly train.py's steps, in its order, so the same random draws pick the same images.
+        pool = select_classes(ds.split("Training"), targs["classes"], targs.get("undersample"), seed)
+        train_ds, val_ds = stratified_split(pool, float(targs["val_fraction"]), seed=seed)
+        if targs.get("limit"):
+            rng = np.random.default_rng(seed)
+            train_ds = train_ds.subset(rng.permutation(len(train_ds))[: targs["limit"]])
+            val_ds = val_ds.subset(rng.permutation(len(val_ds))[: max(targs["limit"] // 4, 1)])
+        ds = val_ds if split == "val" else train_ds
+        if len(ds) == 0:
+            raise DataError(f"{data_path}: the {split} split is empty "
+                            "(no Training images, or a --val-fraction too small for them)")
+    if list(ds.class_names) != list(class_names):
+        raise DataError(f"{data_path}: classes {list(ds.class_names)} do not match "
+                        f"the checkpoint's {list(class_names)}")
+    return ds

@@ -4,6 +4,7 @@
     python examples/fer2013/evaluate.py --data data/fer2013                 # the shipped hw3_cnn weights
     python examples/fer2013/evaluate.py --checkpoint runs/fer2013/best.npz --split val --plots figures/
     python examples/fer2013/evaluate.py --tta --backend cupy                # 10-crop test-time augmentation
+    python examples/fer2013/evaluate.py --tta --tta-padding 2 --split val   # choose the crops' shift on val
 
 Everything needed comes from the checkpoint written by train.py: the network,
 the normalisation statistics, the class names and the training arguments.
@@ -32,15 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
-from common import PRETRAINED, full_history, open_checkpoint, resolve_data_path, select_classes, to_model_input  # noqa: E402
+from common import (PRETRAINED, full_history, load_split, open_checkpoint, resolve_data_path,  # noqa: E402
+                    to_model_input, training_args)
 from minicnn.backend import BackendUnavailableError  # noqa: E402
-from minicnn.data import DataError, load_fer2013, stratified_split  # noqa: E402
+from minicnn.data import DataError  # noqa: E402
 from minicnn.inference import predict_proba, predict_tta  # noqa: E402
 from minicnn.metrics import classification_report  # noqa: E402
 
 SPLITS = ("test", "val", "train")
-# train.py's defaults, used when a checkpoint does not record its arguments
-TRAIN_DEFAULTS = {"val_fraction": 0.1, "seed": 0, "undersample": None, "limit": None}
 SALIENCY_IMAGES = 7  # one per class
 ACTIVATION_IMAGES = 400  # images searched for the top activations (a seeded random subset)
 
@@ -54,11 +54,16 @@ def parse_args(argv=None):
                    help="test = PublicTest (default); val / train = Training as train.py split it")
     p.add_argument("--plots", metavar="DIR", help="write figures (PNG) and metrics.json to this folder")
     p.add_argument("--tta", action="store_true", help="average the softmax over 10 crops / flips of each image")
+    p.add_argument("--tta-padding", type=int, default=4, metavar="PX",
+                   help="with --tta, how far (pixels) the four corner crops shift the image (default 4); "
+                        "choose it on --split val, not on test")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not 0 <= args.tta_padding < 24:
+        p.error(f"--tta-padding must be between 0 and 23 pixels (images are 48x48), got {args.tta_padding}")
     return args
 
 
@@ -71,42 +76,6 @@ def dumps(obj) -> str:
     """Indented JSON with every list of numbers on one line (a 7x7 matrix would otherwise take 63 lines)."""
     text = json.dumps(obj, indent=1)
     return re.sub(r"\[\s+([-0-9.eE+,\s]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
-
-
-def training_args(meta: dict, class_names) -> dict:
-    """train.py's arguments from the checkpoint, with train.py's defaults for what is missing."""
-    args = dict(TRAIN_DEFAULTS)
-    args.update(meta.get("args") or {})
-    # The number of classes is a property of the network: trust the class names over the arguments.
-    args["classes"] = len(class_names)
-    return args
-
-
-def load_split(data_path, split: str, targs: dict, class_names):
-    """The FERDataset of ``split`` as the checkpoint's training run saw it (see the module docstring)."""
-    ds = load_fer2013(data_path)
-    seed = int(targs["seed"])
-    if split == "test":
-        # The test set is never undersampled: only the class merge applies.
-        ds = select_classes(ds.split("PublicTest"), targs["classes"], None, seed)
-        if len(ds) == 0:
-            raise DataError(f"{data_path}: holds no PublicTest images (test/<class>/*.jpg or Usage=PublicTest)")
-    else:
-        # Exactly train.py's steps, in its order, so the same random draws pick the same images.
-        pool = select_classes(ds.split("Training"), targs["classes"], targs.get("undersample"), seed)
-        train_ds, val_ds = stratified_split(pool, float(targs["val_fraction"]), seed=seed)
-        if targs.get("limit"):
-            rng = np.random.default_rng(seed)
-            train_ds = train_ds.subset(rng.permutation(len(train_ds))[: targs["limit"]])
-            val_ds = val_ds.subset(rng.permutation(len(val_ds))[: max(targs["limit"] // 4, 1)])
-        ds = val_ds if split == "val" else train_ds
-        if len(ds) == 0:
-            raise DataError(f"{data_path}: the {split} split is empty "
-                            "(no Training images, or a --val-fraction too small for them)")
-    if list(ds.class_names) != list(class_names):
-        raise DataError(f"{data_path}: classes {list(ds.class_names)} do not match "
-                        f"the checkpoint's {list(class_names)}")
-    return ds
 
 
 def checkpoint_info(path, model, meta: dict, class_names) -> dict:
@@ -125,6 +94,7 @@ def checkpoint_info(path, model, meta: dict, class_names) -> dict:
         "epoch": meta.get("epoch"),
         "epochs_total": (meta.get("epoch") or 0) + len(init.get("epochs_before") or []),
         "init_from": init.get("checkpoint"),
+        "batchnorm_recalibration": meta.get("batchnorm_recalibration"),  # precise_bn.py's record, if any
         "history_length": len(history),
         "best_val_acc": max(val_accs) if val_accs else None,
         "class_names": list(class_names),
@@ -133,7 +103,7 @@ def checkpoint_info(path, model, meta: dict, class_names) -> dict:
     }
 
 
-def evaluate(model, norm, ds, class_names, tta=False, batch_size=256):
+def evaluate(model, norm, ds, class_names, tta=False, batch_size=256, tta_padding=4):
     """(report, softmax probabilities (N, K)) of ``model`` on ``ds``.
 
     The report is :func:`minicnn.metrics.classification_report` plus ``loss``:
@@ -141,7 +111,7 @@ def evaluate(model, norm, ds, class_names, tta=False, batch_size=256):
     with TTA), the same quantity as train.py's ``val_loss``.
     """
     x = to_model_input(norm, ds.images)
-    probs = predict_tta(model, x, batch_size) if tta else predict_proba(model, x, batch_size)
+    probs = predict_tta(model, x, batch_size, padding=tta_padding) if tta else predict_proba(model, x, batch_size)
     report = classification_report(ds.labels, probs.argmax(axis=1), class_names)
     p_true = probs[np.arange(len(probs)), ds.labels].astype(np.float64)
     report = {"loss": float(-np.log(np.clip(p_true, 1e-12, 1.0)).mean()), **report}
@@ -208,13 +178,13 @@ def main(argv=None) -> int:
         ds = load_split(data_path, args.split, targs, class_names)
         log(f"evaluating {model.name} (epoch {meta.get('epoch')}) on {len(ds)} images"
             f"{' with test-time augmentation' if args.tta else ''}")
-        report, probs = evaluate(model, norm, ds, class_names, args.tta, args.batch_size)
+        report, probs = evaluate(model, norm, ds, class_names, args.tta, args.batch_size, args.tta_padding)
     except (minicnn.CheckpointError, DataError, BackendUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result = {"checkpoint": checkpoint_info(ckpt, model, meta, class_names), "data": str(data_path),
               "split": args.split, "usage": "PublicTest" if args.split == "test" else "Training", "tta": args.tta,
-              **report}
+              **({"tta_padding": args.tta_padding} if args.tta else {}), **report}
     if args.plots:
         log(f"writing figures to {args.plots}")
         result["plots"], result["plots_skipped"] = make_plots(args.plots, model, norm, ds, probs, class_names, meta,

@@ -7,14 +7,21 @@ running statistics with PyTorch's momentum convention
 
 (the running variance takes the *unbiased* batch variance, as PyTorch does);
 evaluation mode normalises with the running statistics.
+
+:func:`recalibrate_batchnorm` ("precise BatchNorm") replaces a trained
+network's running statistics by those of a given set of inputs, seen the way
+evaluation sees them (no dropout, no augmentation).
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .. import initializers
-from ..backend import get_array_module
+from ..backend import get_array_module, to_device
+from .activations import Dropout
 from .base import Layer
 
-__all__ = ["BatchNorm1D", "BatchNorm2D"]
+__all__ = ["BatchNorm1D", "BatchNorm2D", "recalibrate_batchnorm"]
 
 
 class _BatchNorm(Layer):
@@ -119,3 +126,79 @@ class BatchNorm2D(_BatchNorm):
     axes = (0, 2, 3)
     layout = "(N, {}, H, W)"
     sum_of_products = "nchw,nchw->c"
+
+
+def _walk(layer: Layer):
+    """``layer`` and all its sub-layers, depth first."""
+    yield layer
+    for _, child in layer.children():
+        yield from _walk(child)
+
+
+def recalibrate_batchnorm(model: Layer, x, batch_size: int = 256, seed: int = 0) -> dict:
+    """Set every BatchNorm's running statistics to those of the inputs ``x`` ("precise BN").
+
+    During training the running statistics are a moving average over
+    *augmented* batches whose activations went through *dropout*, while the
+    network is evaluated on clean images with dropout off. Dropout in
+    particular changes the variance of what the next BatchNorm sees (in
+    hw3_cnn, BatchNorm1D(256) follows Dropout(0.5)), so the statistics it
+    normalises with at evaluation are not those of its evaluation inputs.
+    This function runs ``x`` (e.g. the clean, normalised training images)
+    through ``model`` with every BatchNorm in training mode and every Dropout
+    switched off, and replaces the running statistics by averages over the
+    batches, weighted by batch size:
+
+        running_mean = sum_b n_b * mean_b / N
+        running_var  = sum_b n_b * var_b  / N      (var_b: the unbiased variance of batch b)
+
+    ``running_mean`` is thus the exact mean of the layer's inputs over all of
+    ``x``; ``running_var`` is the within-batch variance the network normalised
+    with while training (with random batches of a few hundred it differs from
+    the variance over all of ``x`` by about 1 / batch size). Each BatchNorm sees
+    the outputs of the layers before it *with their new statistics*, because
+    all layers' statistics are accumulated in one pass in which every BatchNorm
+    normalises with its batch's statistics, as in training.
+
+    ``x`` (N, ...) is shuffled with ``seed`` and cut into ``max(1, N // batch_size)``
+    batches of nearly equal size (so no batch is smaller than ``batch_size``,
+    unless N is); it may live on the host or the device. Parameters are not
+    touched. Returns ``{"batchnorm_layers": L, "images": N, "batches": B}``.
+    """
+    norms = [layer for layer in _walk(model) if isinstance(layer, _BatchNorm)]
+    if not norms:
+        raise ValueError(f"recalibrate_batchnorm: {getattr(model, 'name', None) or type(model).__name__} "
+                         "has no BatchNorm layer, so there are no statistics to recalibrate")
+    n = len(x) if hasattr(x, "__len__") else 0
+    if n < 2:
+        raise ValueError(f"recalibrate_batchnorm: needs at least 2 inputs to compute statistics, got {n}")
+    if int(batch_size) < 2:
+        raise ValueError(f"recalibrate_batchnorm: batch_size must be at least 2, got {batch_size}")
+    dropouts = [layer for layer in _walk(model) if isinstance(layer, Dropout)]
+    saved_p = [layer.p for layer in dropouts]
+    saved_momentum = [layer.momentum for layer in norms]
+    order = np.random.default_rng(seed).permutation(n)
+    batches = np.array_split(order, max(1, n // int(batch_size)))
+    dtype = norms[0].params["gamma"].dtype
+    x_xp = get_array_module(x)  # index x where it lives (host or device), then move each batch
+    try:
+        for layer in dropouts:
+            layer.p = 0.0  # Dropout with p == 0 is the identity, in training mode too
+        seen = 0
+        for idx in batches:
+            seen += len(idx)
+            # momentum = n_b / (images so far) turns PyTorch's moving-average update into the
+            # running, size-weighted average above; the first batch (momentum 1) overwrites.
+            for layer in norms:
+                layer.momentum = len(idx) / seen
+            xb = to_device(x[x_xp.asarray(np.sort(idx))], dtype=dtype)
+            model.forward(xb, training=True)
+    finally:
+        for layer, p in zip(dropouts, saved_p):
+            layer.p = p
+        for layer, momentum in zip(norms, saved_momentum):
+            layer.momentum = momentum
+        for layer in _walk(model):
+            if hasattr(layer, "cache"):
+                layer.cache = None  # the training-mode caches of this pass are not for backward
+    return {"batchnorm_layers": len(norms), "images": int(n), "batches": len(batches)}
