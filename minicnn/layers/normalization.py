@@ -155,10 +155,11 @@ def recalibrate_batchnorm(model: Layer, x, batch_size: int = 256, seed: int = 0)
     ``running_mean`` is thus the exact mean of the layer's inputs over all of
     ``x``; ``running_var`` is the within-batch variance the network normalised
     with while training (with random batches of a few hundred it differs from
-    the variance over all of ``x`` by about 1 / batch size). Each BatchNorm sees
-    the outputs of the layers before it *with their new statistics*, because
-    all layers' statistics are accumulated in one pass in which every BatchNorm
-    normalises with its batch's statistics, as in training.
+    the variance over all of ``x`` by about 1 / batch size). All layers are
+    recalibrated in one pass in which every BatchNorm normalises with its
+    batch's statistics, as in training, so a deeper BatchNorm averages the
+    statistics of inputs normalised that way (Detectron's "precise BN" does
+    the same).
 
     ``x`` (N, ...) is shuffled with ``seed`` and cut into ``max(1, N // batch_size)``
     batches of nearly equal size (so no batch is smaller than ``batch_size``,
