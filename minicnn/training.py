@@ -9,7 +9,12 @@ Reproducibility and resume: at the start of epoch ``e`` every random stream
 (shuffling, dropout, augmentation) is re-seeded from ``(seed, e)``. A run
 resumed from the checkpoint written after epoch ``e - 1`` therefore draws
 exactly the numbers the uninterrupted run would have drawn, and ends with the
-same weights (same backend, same seed).
+same weights (same backend, same seed). A run that continues training weights
+from another run (a second phase, fine-tuning) passes ``stream_offset`` = the
+epochs those weights were already trained for, so that its epochs draw the
+streams of epochs ``stream_offset, stream_offset + 1, ...``: new shuffles, new
+dropout masks, new augmented views, instead of replaying those the weights
+have already been trained on.
 
 Checkpoints are ``.npz`` files written atomically (see :mod:`minicnn.checkpoint`):
 ``last.npz`` after every epoch (and before the first), ``best.npz`` whenever the
@@ -137,14 +142,19 @@ class Trainer:
     early_stopping: stop after this many epochs without a better validation accuracy.
     clip_norm: clip the global gradient norm to this value.
     log_every: read the running metrics back to the host every this many steps.
+    stream_offset: epoch ``e`` draws the random streams of epoch ``stream_offset + e`` (see the module
+        docstring); saved in the checkpoints, and a resumed run must use the same.
     """
 
     def __init__(self, model, optimizer, loss_fn=None, schedule=None, augmenter=None, *, batch_size=128, seed=0,
                  out_dir=None, early_stopping=None, clip_norm=None, log_every=20, progress=True,
-                 extra_meta=None, extra_arrays=None):
+                 extra_meta=None, extra_arrays=None, stream_offset=0):
         self.model, self.optimizer, self.schedule, self.augmenter = model, optimizer, schedule, augmenter
         self.loss_fn = loss_fn or SoftmaxCrossEntropy()
         self.batch_size, self.seed = int(batch_size), int(seed)
+        if int(stream_offset) < 0:
+            raise ValueError(f"Trainer: stream_offset counts epochs already trained and must be >= 0, got {stream_offset}")
+        self.stream_offset = int(stream_offset)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.early_stopping, self.clip_norm = early_stopping, clip_norm
         self.log_every, self.progress = max(1, int(log_every)), progress
@@ -159,7 +169,8 @@ class Trainer:
         if self.out_dir is None:
             return None
         return save_checkpoint(self.out_dir / name, self.model, self.optimizer, self.schedule, self.epoch,
-                               self.history, {"trainer": {"seed": self.seed, "batch_size": self.batch_size},
+                               self.history, {"trainer": {"seed": self.seed, "batch_size": self.batch_size,
+                                                          "stream_offset": self.stream_offset},
                                               **self.extra_meta}, self.extra_arrays)
 
     def _write_history(self):
@@ -178,13 +189,17 @@ class Trainer:
         saved_seed = meta.get("trainer", {}).get("seed", self.seed)
         if saved_seed != self.seed:
             raise CheckpointError(f"{path}: was trained with seed {saved_seed}, this run has seed {self.seed}")
+        saved_offset = meta.get("trainer", {}).get("stream_offset", 0)
+        if saved_offset != self.stream_offset:
+            raise CheckpointError(f"{path}: was trained with stream_offset {saved_offset}, "
+                                  f"this run has stream_offset {self.stream_offset}")
         self.epoch = int(meta["epoch"])
         self.history = list(meta.get("history", []))
         return meta
 
     # -- the loop -----------------------------------------------------------------------
     def _reseed(self, epoch):
-        epoch_seed = (self.seed * 1_000_003 + epoch) % (2**32 - 1)
+        epoch_seed = (self.seed * 1_000_003 + self.stream_offset + epoch) % (2**32 - 1)
         backend.seed(epoch_seed)
         if self.augmenter is not None and hasattr(self.augmenter, "reseed"):
             self.augmenter.reseed(epoch_seed + 1)

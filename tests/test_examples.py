@@ -453,6 +453,26 @@ def test_init_from_starts_a_new_run_from_the_checkpoint_weights(fer_run, tmp_pat
     assert info["epoch"] == 1 and info["epochs_total"] == 2 and info["init_from"] == str(run / "best.npz")
 
 
+def test_init_from_draws_fresh_streams_and_a_resumed_phase_ends_identically(fer_run, tmp_path, capsys, cache_env):
+    """A phase started from a 1-epoch checkpoint draws the random streams of epochs 2, 3, ... (not those
+    its weights were trained on), and interrupted after one epoch and resumed, it ends with the weights
+    of an uninterrupted phase and keeps its provenance."""
+    data, run = fer_run
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert train_script.main(fine_tune_argv(data, run / "best.npz", full, "--epochs", "2", "--schedule", "none")) == 0
+    assert train_script.main(fine_tune_argv(data, run / "best.npz", split, "--epochs", "1", "--schedule", "none")) == 0
+    assert train_script.main(["--data", str(data), "--out", str(split), "--resume", "--epochs", "2", "--schedule",
+                              "none", "--limit", "64", "--batch-size", "16", "--no-progress", "--no-test"]) == 0
+    capsys.readouterr()
+    a, _, meta_a = minicnn.training.load_checkpoint(full / "last.npz")
+    b, _, meta_b = minicnn.training.load_checkpoint(split / "last.npz")
+    assert meta_a["trainer"]["stream_offset"] == meta_b["trainer"]["stream_offset"] == 1
+    assert meta_b["init"] == meta_a["init"] and meta_b["init"]["checkpoint"] == str(run / "best.npz")
+    assert meta_b["epoch"] == 2
+    for name, value in a.state_arrays().items():
+        np.testing.assert_array_equal(b.state_arrays()[name], value, err_msg=name)
+
+
 def test_full_history_numbers_the_epochs_of_chained_phases():
     sys.path.insert(0, str(EXAMPLES))
     from common import full_history  # noqa: PLC0415

@@ -173,6 +173,38 @@ def test_resume_with_another_seed_is_refused(tmp_path):
         other.fit(x, y, epochs=2, resume=True, log=lambda *_: None)
 
 
+def test_stream_offset_draws_the_streams_of_later_epochs(tmp_path):
+    """A second phase (stream_offset k) must not replay the shuffles, dropout masks and augmented
+    views its weights were trained on: its epoch e draws exactly what epoch k + e of a run with
+    offset 0 draws, and something else than that run's epoch e."""
+    x, y = tiny_data()
+
+    def streams(trainer, epoch):
+        trainer._reseed(epoch)
+        order = minicnn.backend.random_state(np).permutation(len(y))
+        views = trainer.augmenter(x[:8], training=True)
+        return order, views
+
+    plain, later = make_trainer(None), make_trainer(None, stream_offset=3)
+    order3, views3 = streams(plain, 3)
+    order0, views0 = streams(plain, 0)
+    later_order0, later_views0 = streams(later, 0)
+    np.testing.assert_array_equal(later_order0, order3)
+    np.testing.assert_array_equal(later_views0, views3)
+    assert not np.array_equal(later_order0, order0) and not np.allclose(later_views0, views0)
+    with pytest.raises(ValueError, match="stream_offset.*>= 0, got -1"):
+        make_trainer(None, stream_offset=-1)
+
+
+def test_stream_offset_is_saved_and_a_resume_with_another_is_refused(tmp_path):
+    x, y = tiny_data()
+    make_trainer(tmp_path, stream_offset=5).fit(x, y, epochs=1, log=lambda *_: None)
+    _, meta = load_npz(tmp_path / "last.npz")
+    assert meta["trainer"]["stream_offset"] == 5
+    with pytest.raises(ValueError, match="stream_offset 5, this run has stream_offset 0"):
+        make_trainer(tmp_path).fit(x, y, epochs=2, resume=True, log=lambda *_: None)
+
+
 @pytest.mark.slow
 def test_short_training_on_real_fer2013_learns_well_above_chance(fer2013_path, tmp_path):
     """A 3-epoch run of the Technical Review Document's small CNN on 4,000 real images."""

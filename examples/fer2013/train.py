@@ -142,6 +142,22 @@ def load_initial_weights(path, args, class_names):
     return {"model": model, "norm": norm, "provenance": provenance}
 
 
+def resumed_state(out: Path, resume: bool):
+    """With --resume, (normaliser, "init" record) of the run being resumed, else (None, None).
+
+    The resumed run normalises as the interrupted one did, and a resumed --init-from run keeps its
+    provenance and its random-stream offset.
+    """
+    last = out / "last.npz"
+    if not resume or not last.is_file():
+        return None, None  # Trainer.resume reports a missing last.npz
+    try:
+        _, norm, _, meta = open_checkpoint(last)
+    except (OSError, minicnn.CheckpointError) as exc:
+        sys.exit(f"error: --resume: {exc}")
+    return norm, meta.get("init")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.init_from and args.resume:  # before the data is loaded
@@ -164,8 +180,11 @@ def main(argv=None):
         train_ds = train_ds.subset(rng.permutation(len(train_ds))[: args.limit])
         val_ds = val_ds.subset(rng.permutation(len(val_ds))[: max(args.limit // 4, 1)])
     init = load_initial_weights(args.init_from, args, list(pool.class_names)) if args.init_from else None
-    # Statistics from the training split only; with --init-from, those the initial weights were learnt with.
-    norm = init["norm"] if init else Normalizer(args.normalize).fit(train_ds.images)
+    resumed_norm, resumed_init = resumed_state(out, args.resume)
+    # Statistics from the training split only; with --init-from, those the initial weights were learnt
+    # with; with --resume, those of the run being resumed.
+    norm = init["norm"] if init else resumed_norm if resumed_norm is not None else Normalizer(args.normalize).fit(
+        train_ds.images)
     x_train, x_val = to_model_input(norm, train_ds.images), to_model_input(norm, val_ds.images)
     print(f"train {len(train_ds)}, validation {len(val_ds)}, test {len(test)}, classes {list(pool.class_names)}")
 
@@ -195,12 +214,16 @@ def main(argv=None):
     trained, total = model.count_params()
     print(f"model {args.model}: {trained:,} trainable parameters; backend {args.backend}; {optimizer!r}; {schedule!r}")
     print(f"augmentation: {augmenter!r}")
+    provenance = init["provenance"] if init else resumed_init
+    # A run from another run's weights draws fresh shuffles, dropout masks and augmented views: its
+    # epochs take the random streams that follow the epochs those weights were trained for.
+    stream_offset = len(provenance["epochs_before"]) if provenance else 0
     trainer = Trainer(
         model, optimizer, loss_fn, schedule, augmenter, batch_size=args.batch_size, seed=args.seed, out_dir=out,
         early_stopping=args.early_stopping, clip_norm=args.clip_norm, log_every=args.log_every,
-        progress=not args.no_progress,
+        progress=not args.no_progress, stream_offset=stream_offset,
         extra_meta={"class_names": list(pool.class_names), "args": vars(args) | {"data": str(data_path)},
-                    "backend": args.backend, **({"init": init["provenance"]} if init else {})},
+                    "backend": args.backend, **({"init": provenance} if provenance else {})},
         extra_arrays=norm.to_arrays(prefix="data/norm/"),
     )
     try:
