@@ -21,7 +21,10 @@ split (--val-fraction); the best epoch on validation is evaluated on
 (fine-tuning, or a learning-rate decay phase after a constant-rate one). It
 refuses a checkpoint of another network, other classes or another
 train/validation split, whose weights would have seen this run's validation
-images; the checkpoint's path, epoch and history are kept under "init".
+images; the checkpoint's path, epoch and history are kept under "init". The
+new run's epochs draw the random streams (shuffle, dropout, augmentation) that
+follow the epochs its weights were trained for, so it sees new augmented views
+rather than replaying old ones; --resume keeps that offset and the provenance.
 """
 from __future__ import annotations
 
