@@ -1,16 +1,26 @@
-"""Classification metrics on host arrays: accuracy, confusion matrix, precision / recall / F1."""
+"""Classification metrics on host arrays: accuracy, log loss, confusion matrix, precision / recall / F1."""
 from __future__ import annotations
 
 import numpy as np
 
 from .backend import to_host
 
-__all__ = ["accuracy", "confusion_matrix", "classification_report"]
+__all__ = ["accuracy", "log_loss", "confusion_matrix", "classification_report"]
 
 
 def accuracy(y_true, y_pred) -> float:
     y_true, y_pred = to_host(y_true), to_host(y_pred)
     return float((y_true == y_pred).mean()) if len(y_true) else float("nan")
+
+
+def log_loss(probs, y_true) -> float:
+    """Mean cross-entropy -log p(true class) of probabilities ``probs`` (N, K), in float64.
+
+    Probabilities are clipped to [1e-12, 1] so a confident mistake costs about 27.6, not infinity.
+    """
+    probs, y_true = to_host(probs), to_host(y_true).astype(np.int64)
+    p_true = probs[np.arange(len(probs)), y_true].astype(np.float64)
+    return float(-np.log(np.clip(p_true, 1e-12, 1.0)).mean())
 
 
 def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:

@@ -38,7 +38,7 @@ from common import (PRETRAINED, full_history, load_split, open_checkpoint, resol
 from minicnn.backend import BackendUnavailableError  # noqa: E402
 from minicnn.data import DataError  # noqa: E402
 from minicnn.inference import predict_proba, predict_tta  # noqa: E402
-from minicnn.metrics import classification_report  # noqa: E402
+from minicnn.metrics import classification_report, log_loss  # noqa: E402
 
 SPLITS = ("test", "val", "train")
 SALIENCY_IMAGES = 7  # one per class
@@ -113,8 +113,7 @@ def evaluate(model, norm, ds, class_names, tta=False, batch_size=256, tta_paddin
     x = to_model_input(norm, ds.images)
     probs = predict_tta(model, x, batch_size, padding=tta_padding) if tta else predict_proba(model, x, batch_size)
     report = classification_report(ds.labels, probs.argmax(axis=1), class_names)
-    p_true = probs[np.arange(len(probs)), ds.labels].astype(np.float64)
-    report = {"loss": float(-np.log(np.clip(p_true, 1e-12, 1.0)).mean()), **report}
+    report = {"loss": log_loss(probs, ds.labels), **report}
     return report, probs
 
 

@@ -30,14 +30,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-
 import minicnn  # noqa: E402
 from common import load_split, open_checkpoint, resolve_data_path, to_model_input, training_args  # noqa: E402
 from minicnn.backend import BackendUnavailableError  # noqa: E402
 from minicnn.checkpoint import load_npz, save_npz  # noqa: E402
 from minicnn.data import DataError  # noqa: E402
 from minicnn.inference import predict_proba  # noqa: E402
+from minicnn.metrics import accuracy, log_loss  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -62,9 +61,7 @@ def log(msg: str) -> None:
 
 def val_metrics(model, x, labels) -> dict:
     probs = predict_proba(model, x)
-    p_true = probs[np.arange(len(probs)), labels].astype(np.float64)
-    return {"accuracy": float((probs.argmax(axis=1) == labels).mean()),
-            "loss": float(-np.log(np.clip(p_true, 1e-12, 1.0)).mean())}
+    return {"accuracy": accuracy(labels, probs.argmax(axis=1)), "loss": log_loss(probs, labels)}
 
 
 def main(argv=None) -> int:

@@ -184,10 +184,12 @@ def main(argv=None):
         val_ds = val_ds.subset(rng.permutation(len(val_ds))[: max(args.limit // 4, 1)])
     init = load_initial_weights(args.init_from, args, list(pool.class_names)) if args.init_from else None
     resumed_norm, resumed_init = resumed_state(out, args.resume)
-    # Statistics from the training split only; with --init-from, those the initial weights were learnt
-    # with; with --resume, those of the run being resumed.
-    norm = init["norm"] if init else resumed_norm if resumed_norm is not None else Normalizer(args.normalize).fit(
-        train_ds.images)
+    if init is not None:
+        norm = init["norm"]  # the initial weights were learnt on inputs normalised this way
+    elif resumed_norm is not None:
+        norm = resumed_norm  # as the interrupted run normalised (it may come from an --init-from checkpoint)
+    else:
+        norm = Normalizer(args.normalize).fit(train_ds.images)  # statistics from the training split only
     x_train, x_val = to_model_input(norm, train_ds.images), to_model_input(norm, val_ds.images)
     print(f"train {len(train_ds)}, validation {len(val_ds)}, test {len(test)}, classes {list(pool.class_names)}")
 

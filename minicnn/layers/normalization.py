@@ -199,7 +199,4 @@ def recalibrate_batchnorm(model: Layer, x, batch_size: int = 256, seed: int = 0)
             layer.p = p
         for layer, momentum in zip(norms, saved_momentum):
             layer.momentum = momentum
-        for layer in _walk(model):
-            if hasattr(layer, "cache"):
-                layer.cache = None  # the training-mode caches of this pass are not for backward
     return {"batchnorm_layers": len(norms), "images": int(n), "batches": len(batches)}
