@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
-from common import environment, markdown_table, setup, summarize, time_call, torch_twin, write_json  # noqa: E402
+from common import default_json_path, environment, markdown_table, setup, summarize, time_call, torch_twin, write_json  # noqa: E402
 from minicnn.optim import Adam  # noqa: E402
 
 
@@ -71,7 +71,7 @@ def main(argv=None):
     p.add_argument("--inference", action="store_true", help="also time evaluation-mode forward passes")
     p.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator settings alone")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
-    p.add_argument("--json", default=None, help="output JSON path (default benchmarks/results/train_step_<backend>.json)")
+    p.add_argument("--json", default=None, help="output JSON path (default runs/benchmarks/train_step_<backend>.json; the reference figures are benchmarks/results/*.json)")
     args = p.parse_args(argv)
 
     import torch  # noqa: PLC0415
@@ -105,7 +105,7 @@ def main(argv=None):
     print(f"minicnn ({args.backend}) vs PyTorch ({device}), float32, median of {args.repeats} steps; "
           "ratio = minicnn throughput / PyTorch throughput")
     print(markdown_table(rows, cols))
-    out = args.json or Path(__file__).resolve().parent / "results" / f"train_step_{args.backend}.json"
+    out = args.json or default_json_path(f"train_step_{args.backend}")
     write_json(out, {"benchmark": "train_step", "environment": environment(torch), "dtype": "float32",
                      "heap_allocator": not args.default_malloc,
                      "optimizer": "Adam(1e-3)", "rows": rows})

@@ -80,41 +80,84 @@ def environment(torch=None) -> dict:
     return info
 
 
-def torch_twin(model, torch):
-    """A torch.nn.Sequential computing the same function as a minicnn Sequential (weights copied)."""
+def _tensor(torch, a):
+    return torch.from_numpy(np.ascontiguousarray(minicnn.to_host(a)))
+
+
+def _copy_batchnorm(torch, m, layer):
+    with torch.no_grad():
+        m.weight.copy_(_tensor(torch, layer.params["gamma"]))
+        m.bias.copy_(_tensor(torch, layer.params["beta"]))
+        m.running_mean.copy_(_tensor(torch, layer.buffers["running_mean"]))
+        m.running_var.copy_(_tensor(torch, layer.buffers["running_var"]))
+    m.momentum, m.eps = layer.momentum, layer.eps
+    return m
+
+
+def _torch_layer(layer, torch):
+    """The torch.nn module computing what minicnn ``layer`` computes, with its parameters and buffers copied."""
     nn = torch.nn
-    layers = []
-    for layer in model.layers:
-        name = type(layer).__name__
-        if name == "Conv2D":
-            m = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                          bias="b" in layer.params)
-            with torch.no_grad():
-                m.weight.copy_(torch.from_numpy(minicnn.to_host(layer.params["W"])))
-        elif name == "Dense":
-            m = nn.Linear(layer.in_features, layer.out_features)
-            with torch.no_grad():
-                m.weight.copy_(torch.from_numpy(minicnn.to_host(layer.params["W"]).T.copy()))
-        elif name == "BatchNorm2D":
-            m = nn.BatchNorm2d(layer.num_features)
-        elif name == "BatchNorm1D":
-            m = nn.BatchNorm1d(layer.num_features)
-        elif name == "LeakyReLU":
-            m = nn.LeakyReLU(layer.negative_slope)
-        elif name == "ReLU":
-            m = nn.ReLU()
-        elif name == "MaxPool2D":
-            m = nn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding)
-        elif name == "AvgPool2D":
-            m = nn.AvgPool2d(layer.kernel_size, layer.stride, layer.padding)
-        elif name == "Dropout":
-            m = nn.Dropout(layer.p)
-        elif name == "Flatten":
-            m = nn.Flatten()
-        else:
-            raise NotImplementedError(f"no torch twin for {name}")
-        layers.append(m)
-    return nn.Sequential(*layers)
+    name = type(layer).__name__
+    if name == "Conv2D":
+        m = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                      bias="b" in layer.params)
+        with torch.no_grad():
+            m.weight.copy_(_tensor(torch, layer.params["W"]))
+            if "b" in layer.params:
+                m.bias.copy_(_tensor(torch, layer.params["b"]))
+        return m
+    if name == "Dense":
+        m = nn.Linear(layer.in_features, layer.out_features, bias="b" in layer.params)
+        with torch.no_grad():
+            m.weight.copy_(_tensor(torch, layer.params["W"]).T)  # minicnn keeps W as (in, out)
+            if "b" in layer.params:
+                m.bias.copy_(_tensor(torch, layer.params["b"]))
+        return m
+    if name in ("BatchNorm2D", "BatchNorm1D"):
+        return _copy_batchnorm(torch, (nn.BatchNorm2d if name == "BatchNorm2D" else nn.BatchNorm1d)(layer.num_features),
+                               layer)
+    if name == "ResidualBlock":
+        return TorchResidualBlock(layer, torch)
+    simple = {
+        "LeakyReLU": lambda: nn.LeakyReLU(layer.negative_slope),
+        "ReLU": nn.ReLU,
+        "MaxPool2D": lambda: nn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding),
+        "AvgPool2D": lambda: nn.AvgPool2d(layer.kernel_size, layer.stride, layer.padding),
+        "GlobalAvgPool2D": lambda: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+        "Dropout": lambda: nn.Dropout(layer.p),
+        "Flatten": nn.Flatten,
+    }
+    if name not in simple:
+        raise NotImplementedError(f"no torch twin for {name}: add it to benchmarks/common.py")
+    return simple[name]()
+
+
+def TorchResidualBlock(block, torch):  # noqa: N802  (a class factory: torch is imported lazily)
+    """torch twin of :class:`minicnn.ResidualBlock`: relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut(x))."""
+    nn, F = torch.nn, torch.nn.functional
+
+    class _Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = _torch_layer(block.conv1, torch), _torch_layer(block.bn1, torch)
+            self.conv2, self.bn2 = _torch_layer(block.conv2, torch), _torch_layer(block.bn2, torch)
+            self.proj = (nn.Sequential(_torch_layer(block.proj, torch), _torch_layer(block.proj_bn, torch))
+                         if block.projection else None)
+
+        def forward(self, x):
+            h = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+            return F.relu(h + (self.proj(x) if self.proj is not None else x))
+
+    return _Block()
+
+
+def torch_twin(model, torch):
+    """A torch.nn.Sequential computing the same function as a minicnn Sequential.
+
+    Every parameter and buffer (BatchNorm's running statistics) is copied, so the two
+    agree in evaluation mode (``tests/test_benchmarks.py`` checks every zoo network).
+    """
+    return torch.nn.Sequential(*(_torch_layer(layer, torch) for layer in model.layers))
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
@@ -122,6 +165,15 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
     return "\n".join(lines)
+
+
+#: where a benchmark writes its JSON unless --json says otherwise: runs/ is ignored by git, so a run never
+#: overwrites the reference figures in benchmarks/results/ (write those with --json benchmarks/results/NAME.json)
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "runs" / "benchmarks"
+
+
+def default_json_path(name: str) -> Path:
+    return RESULTS_DIR / f"{name}.json"
 
 
 def write_json(path, payload) -> Path:

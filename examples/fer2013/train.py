@@ -244,7 +244,7 @@ def main(argv=None):
     if len(test) == 0:
         print("no PublicTest images in the data: skipping the test evaluation")
         return 0
-    logits = best_model.predict(to_model_input(best_norm, test.images))
+    logits = best_model.predict_logits(to_model_input(best_norm, test.images))
     report = classification_report(test.labels, minicnn.to_host(logits.argmax(axis=1)), class_names)
     total_seconds = sum(h["seconds"] for h in trainer.history)
     summary = {"model": args.model, "trainable_params": trained, "best_epoch": meta["epoch"],

@@ -66,14 +66,58 @@ class Sequential(Container):
             dout = layer.backward(dout)
         return dout
 
-    def predict(self, x, batch_size=256):
-        """Evaluation-mode logits for ``x`` (host or device), computed in batches on the active backend."""
+    # -- inference: evaluation mode, in batches, nothing changes ----------------------
+    def predict_logits(self, x, batch_size=256):
+        """Evaluation-mode logits ``(N, K)`` for inputs ``x`` ``(N, C, H, W)`` (host or device), in batches.
+
+        The result lives where the computation ran (the active backend's device).
+        """
         outs = []
         for start in range(0, len(x), batch_size):
             xb = to_device(x[start : start + batch_size], dtype=self.dtype)
             outs.append(self.forward(xb, training=False))
         xp = get_array_module(outs[0]) if outs else np
         return xp.concatenate(outs) if outs else xp.zeros((0,))
+
+    def predict_proba(self, x, batch_size=256):
+        """Softmax probabilities ``(N, K)``, a NumPy array whose rows sum to 1 (evaluation mode)."""
+        from ..inference import predict_proba  # noqa: PLC0415  (inference imports models)
+
+        return predict_proba(self, x, batch_size)
+
+    def predict(self, x, batch_size=256):
+        """Predicted class ids ``(N,)`` (int64, NumPy): the arg-max of the logits, in evaluation mode."""
+        return np.asarray(to_host(self.predict_logits(x, batch_size).argmax(axis=1)), dtype=np.int64)
+
+    # -- Keras-style conveniences over minicnn.training.Trainer -------------------------
+    def fit(self, x, y, *, validation_data=None, epochs=10, batch_size=128, optimizer="adam", lr=1e-3,
+            loss=None, schedule=None, augmenter=None, seed=0, out_dir=None, progress=True, log=print,
+            **trainer_options):
+        """Train on ``x`` ``(N, C, H, W)``, ``y`` ``(N,)`` class ids; returns the history (a dict per epoch).
+
+        ``optimizer`` is a name (``"adam"``, ``"sgd"``, ``"adamw"``, ``"rmsprop"``, built with ``lr``) or an
+        optimiser already built on this model; ``loss`` defaults to softmax cross-entropy;
+        ``validation_data=(x_val, y_val)`` is evaluated after every epoch; ``out_dir`` keeps
+        checkpoints (``last.npz``, ``best.npz``) and the history there. Other keywords go to
+        :class:`~minicnn.training.Trainer` (``clip_norm``, ``early_stopping``, ``log_every``, ...).
+        This is a thin layer over the Trainer, which remains the documented, resumable way to train.
+        """
+        from ..optim import make_optimizer  # noqa: PLC0415
+        from ..training import Trainer  # noqa: PLC0415
+
+        if isinstance(optimizer, str):
+            optimizer = make_optimizer(optimizer, self, lr=lr)
+        x_val, y_val = validation_data if validation_data is not None else (None, None)
+        trainer = Trainer(self, optimizer, loss, schedule, augmenter, batch_size=batch_size, seed=seed,
+                          out_dir=out_dir, progress=progress, **trainer_options)
+        return trainer.fit(x, y, x_val, y_val, epochs=epochs, log=log)
+
+    def evaluate(self, x, y, batch_size=512, loss=None) -> dict:
+        """``{"loss": mean loss, "accuracy": fraction correct}`` on ``x``, ``y``, in evaluation mode."""
+        from ..training import Trainer  # noqa: PLC0415
+
+        mean_loss, accuracy = Trainer(self, None, loss, progress=False).evaluate(x, y, batch_size)
+        return {"loss": mean_loss, "accuracy": accuracy}
 
     @property
     def dtype(self):
