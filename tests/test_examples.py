@@ -380,8 +380,6 @@ def test_tta_views_and_average(float64):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (EXAMPLES / "pretrained" / "hw3_cnn.npz").is_file(),
-                    reason="examples/fer2013/pretrained/hw3_cnn.npz is not shipped yet")
 def test_shipped_weights_beat_half_on_publictest(fer2013_path, capsys):
     rc, out, err = run_main(evaluate_script, ["--data", fer2013_path], capsys)  # default: the shipped weights
     assert rc == 0, err

@@ -9,10 +9,11 @@ import numpy as np
 
 import minicnn
 from minicnn.data import DataError, Normalizer, load_fer2013, merge_disgust_into_angry, stratified_split, undersample
+from minicnn.classifier import PRETRAINED_DIR
 from minicnn.training import load_checkpoint
 
 HERE = Path(__file__).resolve().parent
-PRETRAINED = HERE / "pretrained" / "hw3_cnn.npz"
+PRETRAINED = PRETRAINED_DIR / "hw3_cnn.npz"  # shipped inside the package: minicnn.pretrained("hw3_cnn")
 # train.py's defaults, used when a checkpoint does not record its arguments
 TRAIN_DEFAULTS = {"val_fraction": 0.1, "seed": 0, "undersample": None, "limit": None}
 
