@@ -1,6 +1,10 @@
 """minicnn: a from-scratch, autograd-free CNN library in NumPy that runs on the GPU through CuPy.
 
 Every layer writes out its forward and backward pass; see ``minicnn.layers``.
+``minicnn.reference`` computes the same things plainly (loops, or one line of
+NumPy that reads like the formula), for study and as the tests' oracle;
+``docs/conventions.md`` compares minicnn's conventions with PyTorch's, Keras'
+and CS231n's, and ``tutorials/`` walks through the library.
 """
 from . import backend, initializers, losses, reference
 from .backend import (
