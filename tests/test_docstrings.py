@@ -110,3 +110,21 @@ def test_batchnorm_docstrings_carry_both_modes_and_their_own_shapes():
     for doc in (one, two):
         assert "dgamma" in doc and "running_var" in doc and "evaluation mode" in doc
     assert "x (N, D)" in one and "x (N, C, H, W)" in two
+
+
+def _all_classes():
+    import importlib  # noqa: PLC0415
+    import pkgutil  # noqa: PLC0415
+
+    for info in pkgutil.walk_packages(minicnn.__path__, "minicnn."):
+        module = importlib.import_module(info.name)
+        for obj in vars(module).values():
+            if isinstance(obj, type) and obj.__module__ == module.__name__:
+                yield obj
+
+
+def test_every_backward_in_the_package_has_a_docstring():
+    """Private classes too: whoever reads a backward pass finds what it computes."""
+    missing = [f"{cls.__module__}.{cls.__qualname__}.{name}" for cls in _all_classes()
+               for name in ("forward", "backward") if name in vars(cls) and not vars(cls)[name].__doc__]
+    assert not missing, missing

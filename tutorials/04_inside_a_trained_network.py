@@ -44,18 +44,20 @@ from minicnn.training import load_checkpoint
 QUICK = os.environ.get("MINICNN_TUTORIAL_QUICK") == "1"  # CI: a few hundred test images
 OUT = Path(os.environ.get("MINICNN_TUTORIAL_OUT", "tutorial_output"))
 OUT.mkdir(parents=True, exist_ok=True)
-DATA = os.environ.get("FER2013_DATA", "data/fer2013")
-if not Path(DATA).exists():
-    raise SystemExit(f"FER-2013 not found at {DATA!r}: set FER2013_DATA to the folder with train/ and test/")
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()  # tutorials/, as a notebook too
+# FER2013_DATA, else data/fer2013 in the checkout, else shared/data/fer2013 beside the checkout
+CANDIDATES = [os.environ.get("FER2013_DATA"), HERE.parent / "data" / "fer2013", HERE.parent.parent / "shared" / "data" / "fer2013"]
+DATA = next((c for c in CANDIDATES if c and Path(c).exists()), None)
+if DATA is None:
+    raise SystemExit("FER-2013 not found: set FER2013_DATA to the folder with train/<class>/*.jpg and test/<class>/*.jpg")
 
 
 def repository_root() -> Path:
     """The checkout this tutorial lives in (it may run from tutorials/ or from the root)."""
-    here = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
-    for folder in (here, *here.parents):
+    for folder in (HERE, *HERE.parents):
         if (folder / "examples" / "fer2013" / "pretrained" / "hw3_cnn.npz").exists():
             return folder
-    raise SystemExit("cannot find examples/fer2013/pretrained/hw3_cnn.npz above " + str(here))
+    raise SystemExit("cannot find examples/fer2013/pretrained/hw3_cnn.npz above " + str(HERE))
 
 
 def show(path):
