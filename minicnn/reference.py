@@ -403,7 +403,8 @@ def batchnorm_forward(x, gamma, beta, eps=1e-5):
     ivar = 1.0 / std  # (5)
     xhat = xmu * ivar  # (6)
     out = gamma * xhat + beta  # (7)
-    cache = {"shape": x.shape, "xmu": xmu, "var": var, "std": std, "ivar": ivar, "xhat": xhat, "gamma": gamma, "eps": eps}
+    cache = {"shape": x.shape, "xmu": xmu, "var": var, "std": std, "ivar": ivar, "xhat": xhat,
+             "gamma": gamma, "eps": eps}
     return _unrows(out, x.shape), cache
 
 

@@ -61,7 +61,8 @@ def test_keras_nhwc_images_and_kernels_translate():
 
 
 def test_keras_dense_after_flatten_needs_its_rows_permuted():
-    """Keras flattens (H, W, C), minicnn (C, H, W): W = W_keras.reshape(H, W, C, out).transpose(2, 0, 1, 3).reshape(-1, out)."""
+    """Keras flattens (H, W, C), minicnn (C, H, W):
+    W = W_keras.reshape(H, W, C, out).transpose(2, 0, 1, 3).reshape(-1, out)."""
     rng = np.random.default_rng(3)
     h, w, c, k = 3, 2, 4, 5
     maps_nhwc = rng.standard_normal((2, h, w, c))
@@ -87,7 +88,8 @@ def test_conv2d_is_scipys_correlate2d_not_convolve2d():
 
 
 def test_cs231n_momentum_and_l2_penalty_are_sgd_momentum_and_weight_decay():
-    """CS231n: v = mu v - lr (g + reg w); w += v (loss + 0.5 reg |w|^2) == SGD(momentum=mu, weight_decay=reg), constant lr."""
+    """CS231n: v = mu v - lr (g + reg w); w += v (loss + 0.5 reg |w|^2)
+    == SGD(momentum=mu, weight_decay=reg) at a constant lr."""
     rng = np.random.default_rng(5)
     w0 = rng.standard_normal(6)
 
@@ -106,7 +108,8 @@ def test_cs231n_momentum_and_l2_penalty_are_sgd_momentum_and_weight_decay():
 
 
 def test_adam_step_count_starts_at_one_and_keras_eps_is_scaled():
-    """CS231n: increment t before the bias corrections; DLfS / Keras: eps added to sqrt(v) is eps * sqrt(1 - beta2^t) here."""
+    """CS231n: increment t before the bias corrections.
+    DLfS / Keras: their eps, added to sqrt(v), is minicnn's eps * sqrt(1 - beta2^t)."""
     rng = np.random.default_rng(6)
     w0 = rng.standard_normal(5)
 

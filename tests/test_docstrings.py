@@ -87,7 +87,8 @@ def test_public_name_is_documented(qualname, obj):
     if args:
         assert has_section(doc, "Parameters"), f"{qualname} has arguments {args} but no 'Parameters:' section"
     if ARRAY_ARGS & set(args):
-        assert has_section(doc, "Shapes"), f"{qualname} takes arrays {sorted(ARRAY_ARGS & set(args))} but has no 'Shapes:'"
+        arrays = sorted(ARRAY_ARGS & set(args))
+        assert has_section(doc, "Shapes"), f"{qualname} takes arrays {arrays} but has no 'Shapes:' section"
 
 
 @pytest.mark.parametrize("cls", [minicnn.BatchNorm1D, minicnn.BatchNorm2D, minicnn.MaxPool2D, minicnn.AvgPool2D,

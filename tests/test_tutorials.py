@@ -48,7 +48,8 @@ def test_tutorial_runs_top_to_bottom(path, tmp_path):
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=ids(TUTORIALS))
 def test_tutorial_is_a_jupytext_percent_notebook(path):
-    jupytext = pytest.importorskip("jupytext", reason="jupytext renders the tutorials as notebooks: pip install -e '.[dev]'")
+    jupytext = pytest.importorskip("jupytext", reason="jupytext renders the tutorials as notebooks: "
+                                                      "pip install -e '.[dev]'")
     nb = jupytext.read(path)
     kinds = [cell.cell_type for cell in nb.cells]
     assert kinds[0] == "markdown" and nb.cells[0].source.startswith("# "), "a tutorial opens with its title"

@@ -47,10 +47,12 @@ OUT = Path(os.environ.get("MINICNN_TUTORIAL_OUT", "tutorial_output"))
 OUT.mkdir(parents=True, exist_ok=True)
 HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()  # tutorials/, as a notebook too
 # FER2013_DATA, else data/fer2013 in the checkout, else shared/data/fer2013 beside the checkout
-CANDIDATES = [os.environ.get("FER2013_DATA"), HERE.parent / "data" / "fer2013", HERE.parent.parent / "shared" / "data" / "fer2013"]
+CANDIDATES = [os.environ.get("FER2013_DATA"), HERE.parent / "data" / "fer2013",
+              HERE.parent.parent / "shared" / "data" / "fer2013"]
 DATA = next((c for c in CANDIDATES if c and Path(c).exists()), None)
 if DATA is None:
-    raise SystemExit("FER-2013 not found: set FER2013_DATA to the folder with train/<class>/*.jpg and test/<class>/*.jpg")
+    raise SystemExit("FER-2013 not found: set FER2013_DATA to the folder with train/<class>/*.jpg "
+                     "and test/<class>/*.jpg")
 
 TRAIN_IMAGES = 600 if QUICK else 6000  # a subset of the 25,838 images left after the validation split
 EPOCHS = 1 if QUICK else 6

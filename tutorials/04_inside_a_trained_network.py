@@ -46,10 +46,12 @@ OUT = Path(os.environ.get("MINICNN_TUTORIAL_OUT", "tutorial_output"))
 OUT.mkdir(parents=True, exist_ok=True)
 HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()  # tutorials/, as a notebook too
 # FER2013_DATA, else data/fer2013 in the checkout, else shared/data/fer2013 beside the checkout
-CANDIDATES = [os.environ.get("FER2013_DATA"), HERE.parent / "data" / "fer2013", HERE.parent.parent / "shared" / "data" / "fer2013"]
+CANDIDATES = [os.environ.get("FER2013_DATA"), HERE.parent / "data" / "fer2013",
+              HERE.parent.parent / "shared" / "data" / "fer2013"]
 DATA = next((c for c in CANDIDATES if c and Path(c).exists()), None)
 if DATA is None:
-    raise SystemExit("FER-2013 not found: set FER2013_DATA to the folder with train/<class>/*.jpg and test/<class>/*.jpg")
+    raise SystemExit("FER-2013 not found: set FER2013_DATA to the folder with train/<class>/*.jpg "
+                     "and test/<class>/*.jpg")
 
 
 def repository_root() -> Path:
@@ -100,7 +102,8 @@ show(viz.plot_filters(model, OUT / "04_filters.png"))
 W = minicnn.to_host(model.layers[0].params["W"])
 print("first conv weight:", W.shape, "(C_out, C_in, KH, KW)")
 # Edge detectors respond to differences, not to brightness: most kernels sum to far less than their size.
-print(f"mean |sum of a kernel| / mean sum of |weights|: {np.abs(W.sum(axis=(1, 2, 3))).mean() / np.abs(W).sum(axis=(1, 2, 3)).mean():.2f}")
+contrast = np.abs(W.sum(axis=(1, 2, 3))).mean() / np.abs(W).sum(axis=(1, 2, 3)).mean()
+print(f"mean |sum of a kernel| / mean sum of |weights|: {contrast:.2f}")
 
 # %% [markdown]
 # ## Confusion on PublicTest
