@@ -47,10 +47,17 @@ def numerical_gradient(f, x, h=1e-6, indices=None, progress=None):
     """Central-difference gradient of the scalar function ``f()`` with respect to array ``x``.
 
     ``x`` is perturbed *in place* one element at a time (and restored), so ``f``
-    may close over it (e.g. a layer parameter). With ``indices`` (flat indices
-    into ``x``) only those entries are computed and a vector of them is
-    returned; otherwise an array shaped like ``x``. ``progress`` is an object
-    with ``update(n)`` (a tqdm bar) advanced by one per entry.
+    may close over it (e.g. a layer parameter).
+
+    Shapes: x (any) -> grad (same shape): ``grad[i] = (f(x + h e_i) - f(x - h e_i)) / (2 h)``;
+    with ``indices``, a vector of those entries only.
+
+    Parameters:
+        f: a function of no arguments returning a scalar that depends on ``x``.
+        x: the array to differentiate with respect to (float64 for accurate results).
+        h: the step.
+        indices: flat indices into ``x`` to compute (None: all of them).
+        progress: an object with ``update(n)`` (a tqdm bar), advanced by one per entry.
     """
     xp = get_array_module(x)
     flat = x.reshape(-1)
@@ -73,7 +80,12 @@ def numerical_gradient(f, x, h=1e-6, indices=None, progress=None):
 
 @dataclass
 class GradCheckReport:
-    """Relative errors (analytic vs numerical) per checked array."""
+    """Relative errors (analytic vs numerical) per checked array; what :func:`gradcheck` returns.
+
+    Parameters:
+        errors: name (``"x"``, ``"W"``, ...) -> relative error of that array's gradient.
+        tolerance: an error below it is "ok"; ``ok`` is True when every error is.
+    """
 
     errors: dict = field(default_factory=dict)
     tolerance: float = 1e-6
@@ -99,21 +111,28 @@ def gradcheck(layer, x, dout=None, training=True, h=1e-6, tolerance=1e-6, seed=0
               samples=None, max_entries=MAX_ENTRIES, progress=None):
     """Compare ``layer.backward`` with central differences, in float64, on a copy of ``layer``.
 
-    Parameters
-    ----------
-    layer: any :class:`~minicnn.layers.Layer` (a whole :class:`~minicnn.Sequential` too). It is *copied*
-        and the copy cast to float64 (a float32 check drowns in rounding error): the layer you pass is
-        left exactly as it was, dtype, parameters and buffers included.
-    x: the input; ``dout``: the upstream gradient (default: random, seeded by ``seed``).
-    training: the mode of the forward passes. Layers with randomness (Dropout) must be checked
-        with a fixed mask, e.g. ``training=False`` or by seeding identically before each call.
-    samples: check only this many randomly chosen entries of each array (CS231n's "sparse"
-        gradient check): the way to check a whole network in seconds.
-    max_entries: refuse (ValueError) to check more entries than this in all, since each costs two
-        forward passes; None lifts the limit.
-    progress: show a progress bar (tqdm); default: when more than 2,000 entries are checked.
-
+    The layer you pass is *copied* and the copy cast to float64 (a float32 check drowns in
+    rounding error): your layer is left exactly as it was, dtype, parameters and buffers included.
     Returns a :class:`GradCheckReport` with entries ``"x"`` and one per parameter.
+
+    Shapes:
+        x: the layer's input (any shape it takes); dout: the shape of ``layer.forward(x)``
+
+    Parameters:
+        layer: any minicnn layer or container (a whole :class:`~minicnn.Sequential` too).
+        x: the input at which to check.
+        dout: the upstream gradient G in L = sum(f(x) * G); None: standard normal (seeded).
+        training: the mode of every forward pass (BatchNorm: batch or running statistics). Layers
+            with randomness (Dropout) must be checked with a fixed mask, e.g. ``training=False``.
+        h: the central-difference step.
+        tolerance: the largest relative error that counts as correct (``report.ok``).
+        seed: seeds the default ``dout`` and the choice of ``samples``.
+        check_params: also check every parameter's gradient, not only dx.
+        samples: check only this many randomly chosen entries of each array (CS231n's "sparse"
+            gradient check): the way to check a whole network in seconds.
+        max_entries: refuse (ValueError) to check more entries than this in all, since each costs
+            two forward passes; None lifts the limit.
+        progress: show a progress bar (tqdm); default: when more than 2,000 entries are checked.
     """
     import copy  # noqa: PLC0415
 
