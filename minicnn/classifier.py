@@ -37,12 +37,13 @@ PRETRAINED_NAMES = {
 class ImageClassifier:
     """A network with everything needed to classify raw images: model, normaliser, class names.
 
-    Parameters
-    ----------
-    model: a :class:`~minicnn.Sequential` taking normalised ``(N, 1, H, W)`` inputs.
-    normalizer: the fitted :class:`~minicnn.data.Normalizer` of its training set.
-    class_names: the names of the model's outputs, in order.
-    meta: the checkpoint's metadata (history, training arguments, ...), kept for reference.
+    Shapes: images (N, H, W) grey levels 0-255 (or file paths)  ->  probabilities (N, K), class ids (N,)
+
+    Parameters:
+        model: a :class:`~minicnn.Sequential` taking normalised ``(N, 1, H, W)`` inputs.
+        normalizer: the fitted :class:`~minicnn.data.Normalizer` of its training set.
+        class_names: the names of the model's K outputs, in order.
+        meta: the checkpoint's metadata (history, training arguments, ...), kept for reference.
 
     Every prediction runs in evaluation mode and changes nothing in the model.
     """
@@ -138,6 +139,9 @@ class ImageClassifier:
 def load(path) -> ImageClassifier:
     """The :class:`ImageClassifier` of a checkpoint written by ``train.py`` / the ``minicnn train`` command.
 
+    Parameters:
+        path: the ``.npz`` checkpoint (``best.npz``, ``last.npz`` or an exported one).
+
     Raises :class:`~minicnn.CheckpointError` naming the file when it is not such a checkpoint
     (a model saved with ``Sequential.save`` has no normalisation statistics or class names:
     load it with ``Sequential.load`` instead).
@@ -160,7 +164,11 @@ def load(path) -> ImageClassifier:
 
 
 def pretrained_path(name: str = "hw3_cnn") -> Path:
-    """Where the shipped weights ``name`` lie inside the installed package."""
+    """Where the shipped weights ``name`` lie inside the installed package.
+
+    Parameters:
+        name: one of :data:`PRETRAINED_NAMES`.
+    """
     if name not in PRETRAINED_NAMES:
         raise ValueError(f"no pretrained network {name!r}: minicnn ships {sorted(PRETRAINED_NAMES)}")
     path = PRETRAINED_DIR / f"{name}.npz"
@@ -171,5 +179,9 @@ def pretrained_path(name: str = "hw3_cnn") -> Path:
 
 
 def pretrained(name: str = "hw3_cnn") -> ImageClassifier:
-    """The shipped, trained network ``name`` as a ready :class:`ImageClassifier` (see :data:`PRETRAINED_NAMES`)."""
+    """The shipped, trained network ``name`` as a ready :class:`ImageClassifier`.
+
+    Parameters:
+        name: one of :data:`PRETRAINED_NAMES` (``"hw3_cnn"``: 65.3 % on FER-2013 PublicTest, see README).
+    """
     return load(pretrained_path(name))

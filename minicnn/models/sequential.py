@@ -108,14 +108,21 @@ class Sequential(Container):
     def fit(self, x, y, *, validation_data=None, epochs=10, batch_size=128, optimizer="adam", lr=1e-3,
             loss=None, schedule=None, augmenter=None, seed=0, out_dir=None, progress=True, log=print,
             **trainer_options):
-        """Train on ``x`` ``(N, C, H, W)``, ``y`` ``(N,)`` class ids; returns the history (a dict per epoch).
+        """Train on ``x``, ``y``; returns the history (a dict per epoch: losses, accuracies, lr, seconds).
 
-        ``optimizer`` is a name (``"adam"``, ``"sgd"``, ``"adamw"``, ``"rmsprop"``, built with ``lr``) or an
-        optimiser already built on this model; ``loss`` defaults to softmax cross-entropy;
-        ``validation_data=(x_val, y_val)`` is evaluated after every epoch; ``out_dir`` keeps
-        checkpoints (``last.npz``, ``best.npz``) and the history there. Other keywords go to
-        :class:`~minicnn.training.Trainer` (``clip_norm``, ``early_stopping``, ``log_every``, ...).
-        This is a thin layer over the Trainer, which remains the documented, resumable way to train.
+        Shapes: x (N, C, H, W) normalised inputs, y (N,) class ids
+
+        Parameters:
+            validation_data: ``(x_val, y_val)``, evaluated after every epoch (best epoch -> ``best.npz``).
+            epochs, batch_size, seed: as for :class:`~minicnn.training.Trainer`.
+            optimizer: a name (``"adam"``, ``"sgd"``, ``"adamw"``, ``"rmsprop"``, built with ``lr``) or an
+                optimiser already built on this model.
+            loss: defaults to softmax cross-entropy; ``schedule``, ``augmenter``: optional.
+            out_dir: keep checkpoints (``last.npz``, ``best.npz``) and the history there.
+            trainer_options: more :class:`~minicnn.training.Trainer` keywords (``clip_norm``,
+                ``early_stopping``, ``log_every``, ...).
+
+        A thin layer over the Trainer, which stays the documented, resumable way to train.
         """
         from ..optim import make_optimizer  # noqa: PLC0415
         from ..training import Trainer  # noqa: PLC0415
@@ -128,7 +135,13 @@ class Sequential(Container):
         return trainer.fit(x, y, x_val, y_val, epochs=epochs, log=log)
 
     def evaluate(self, x, y, batch_size=512, loss=None) -> dict:
-        """``{"loss": mean loss, "accuracy": fraction correct}`` on ``x``, ``y``, in evaluation mode."""
+        """``{"loss": mean loss, "accuracy": fraction correct}`` on ``x``, ``y``, in evaluation mode.
+
+        Shapes: x (N, C, H, W), y (N,) class ids
+
+        Parameters:
+            batch_size: images per forward pass; loss: defaults to softmax cross-entropy.
+        """
         from ..training import Trainer  # noqa: PLC0415
 
         mean_loss, accuracy = Trainer(self, None, loss, progress=False).evaluate(x, y, batch_size)
