@@ -25,11 +25,18 @@ images; the checkpoint's path, epoch and history are kept under "init". The
 new run's epochs draw the random streams (shuffle, dropout, augmentation) that
 follow the epochs its weights were trained for, so it sees new augmented views
 rather than replaying old ones; --resume keeps that offset and the provenance.
+
+Several processes: ``mpirun -n 2 python examples/fer2013/train.py ...`` trains
+data-parallel (minicnn.distributed): --batch-size is the global batch, split
+over the ranks; each rank gets an equal share of the machine's cores for BLAS;
+only rank 0 prints and writes; --sync-bn computes BatchNorm statistics over
+the global batch. --resume needs the same number of ranks.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,6 +48,7 @@ import numpy as np  # noqa: E402
 import minicnn  # noqa: E402
 from common import full_history, open_checkpoint, resolve_data_path, select_classes, to_model_input  # noqa: E402
 from minicnn.data import Augmenter, Normalizer, load_fer2013, stratified_split  # noqa: E402
+from minicnn.distributed import DistributedTrainer, world  # noqa: E402
 from minicnn.losses import MSELoss, SoftmaxCrossEntropy  # noqa: E402
 from minicnn.metrics import classification_report  # noqa: E402
 from minicnn.models import MODELS, build_model  # noqa: E402
@@ -116,6 +124,8 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=20, help="steps between progress updates")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-test", action="store_true", help="skip the final PublicTest evaluation")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under mpirun: BatchNorm statistics over the global batch (default: each rank's own shard)")
     return p.parse_args(argv)
 
 
@@ -165,6 +175,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.init_from and args.resume:  # before the data is loaded
         sys.exit("error: --init-from starts a new run and --resume continues one: give one of them")
+    comm = world()  # one process, or every rank of an mpirun job
+    if comm.rank:  # rank 0 speaks for the job; errors still reach stderr
+        sys.stdout = open(os.devnull, "w")
+        args.no_progress = True
     minicnn.set_backend(args.backend)
     minicnn.backend.use_heap_allocator()  # fewer page faults per step on the CPU (see its docstring)
     minicnn.seed(args.seed)
@@ -192,6 +206,11 @@ def main(argv=None):
         norm = Normalizer(args.normalize).fit(train_ds.images)  # statistics from the training split only
     x_train, x_val = to_model_input(norm, train_ds.images), to_model_input(norm, val_ds.images)
     print(f"train {len(train_ds)}, validation {len(val_ds)}, test {len(test)}, classes {list(pool.class_names)}")
+    if comm.size > 1:
+        threads = comm.limit_blas_threads()
+        print(f"data-parallel on {comm.size} MPI ranks, global batch {args.batch_size}"
+              + (f", {threads} BLAS thread(s) per rank" if threads else "")
+              + (", synchronised BatchNorm" if args.sync_bn else ""))
 
     model = build_model(args.model, num_classes=len(pool.class_names))
     if init is not None:
@@ -223,13 +242,15 @@ def main(argv=None):
     # A run from another run's weights draws fresh shuffles, dropout masks and augmented views: its
     # epochs take the random streams that follow the epochs those weights were trained for.
     stream_offset = len(provenance["epochs_before"]) if provenance else 0
-    trainer = Trainer(
+    trainer_cls, parallel = ((DistributedTrainer, {"comm": comm, "sync_batchnorm": args.sync_bn}) if comm.size > 1
+                             else (Trainer, {}))
+    trainer = trainer_cls(
         model, optimizer, loss_fn, schedule, augmenter, batch_size=args.batch_size, seed=args.seed, out_dir=out,
         early_stopping=args.early_stopping, clip_norm=args.clip_norm, log_every=args.log_every,
         progress=not args.no_progress, stream_offset=stream_offset,
         extra_meta={"class_names": list(pool.class_names), "args": vars(args) | {"data": str(data_path)},
                     "backend": args.backend, **({"init": provenance} if provenance else {})},
-        extra_arrays=norm.to_arrays(prefix="data/norm/"),
+        extra_arrays=norm.to_arrays(prefix="data/norm/"), **parallel,
     )
     try:
         trainer.fit(x_train, train_ds.labels, x_val, val_ds.labels, epochs=args.epochs, resume=args.resume)
@@ -237,6 +258,8 @@ def main(argv=None):
         sys.exit(f"error: {exc}")
     if trainer.interrupted:
         sys.exit(130)
+    if comm.rank:
+        return 0  # rank 0 evaluates and writes the metrics
 
     if args.no_test or not (out / "best.npz").exists():
         return 0
