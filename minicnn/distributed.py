@@ -96,8 +96,8 @@ class Communicator:
     transport: how device (CuPy) buffers travel: ``"auto"``, ``"nccl"``, ``"mpi"`` (CUDA-aware MPI)
         or ``"host"`` (see the module docstring). Host (NumPy) buffers always go through MPI.
 
-    Attributes: ``rank`` (0 .. size - 1), ``size`` (number of processes), ``local_size``
-    (processes on this machine).
+    Attributes: ``rank`` (0 .. size - 1), ``size`` (number of processes), ``local_rank`` and
+    ``local_size`` (this process's index among, and the number of, the processes on this machine).
     """
 
     def __init__(self, mpi_comm=None, transport: str = "auto"):
@@ -107,12 +107,12 @@ class Communicator:
         self.transport = transport
         self._nccl = None
         if mpi_comm is None:
-            self.rank, self.size, self.local_size = 0, 1, 1
+            self.rank, self.size, self.local_rank, self.local_size = 0, 1, 0, 1
         else:
             MPI = _import_mpi()
             self.rank, self.size = mpi_comm.Get_rank(), mpi_comm.Get_size()
-            local = mpi_comm.Split_type(MPI.COMM_TYPE_SHARED)
-            self.local_size = local.Get_size()
+            local = mpi_comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks on this machine
+            self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
             local.Free()
 
     def __repr__(self):
@@ -175,6 +175,14 @@ class Communicator:
             return None
         threadpool_limits(threads)
         return threads
+
+    def use_local_gpu(self):
+        """Make GPU ``local_rank % count`` CuPy's current device (one rank per GPU); returns its index."""
+        import cupy  # noqa: PLC0415
+
+        index = self.local_rank % cupy.cuda.runtime.getDeviceCount()
+        cupy.cuda.Device(index).use()
+        return index
 
     # -- device transports ---------------------------------------------------------------
     def _device_transport(self):

@@ -180,6 +180,8 @@ def main(argv=None):
         sys.stdout = open(os.devnull, "w")
         args.no_progress = True
     minicnn.set_backend(args.backend)
+    if comm.size > 1 and args.backend == "cupy":
+        comm.use_local_gpu()  # one rank per GPU of each machine
     minicnn.backend.use_heap_allocator()  # fewer page faults per step on the CPU (see its docstring)
     minicnn.seed(args.seed)
     out = Path(args.out)
