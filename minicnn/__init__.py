@@ -1,8 +1,12 @@
 """minicnn: a from-scratch, autograd-free CNN library in NumPy that runs on the GPU through CuPy.
 
 Every layer writes out its forward and backward pass; see ``minicnn.layers``.
+``minicnn.reference`` computes the same things plainly (loops, or one line of
+NumPy that reads like the formula), for study and as the tests' oracle;
+``docs/conventions.md`` compares minicnn's conventions with PyTorch's, Keras'
+and CS231n's, and ``tutorials/`` walks through the library.
 """
-from . import backend, initializers, losses
+from . import backend, initializers, losses, reference
 from .backend import (
     get_array_module,
     get_backend,
@@ -42,7 +46,7 @@ from .models import MODELS, Sequential, build_model
 __version__ = "0.1.0"
 
 __all__ = [
-    "backend", "initializers", "losses",
+    "backend", "initializers", "losses", "reference",
     "set_backend", "get_backend", "get_xp", "get_array_module", "to_device", "to_host", "seed",
     "set_default_dtype", "get_default_dtype",
     "Layer", "Container", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "BatchNorm1D", "BatchNorm2D",

@@ -73,7 +73,12 @@ def cupy_available() -> bool:
 
 
 def set_backend(name: str):
-    """Make ``"numpy"`` or ``"cupy"`` the active backend and return its module."""
+    """Make ``"numpy"`` or ``"cupy"`` the active backend and return its module.
+
+    Parameters:
+        name: ``"numpy"`` (CPU) or ``"cupy"`` (GPU; raises :class:`BackendUnavailableError`
+            with the install command when CuPy or a GPU is missing).
+    """
     if name not in _BACKENDS:
         raise ValueError(f"unknown backend {name!r}: expected one of {_BACKENDS}")
     xp = np if name == "numpy" else _import_cupy()
@@ -94,6 +99,9 @@ def get_xp():
 def get_array_module(*arrays):
     """The array module (``numpy`` or ``cupy``) that owns ``arrays``.
 
+    Parameters:
+        arrays: any arrays or scalars; the first CuPy array decides.
+
     Falls back to NumPy for host arrays and Python scalars, and never imports
     CuPy unless one of the arrays already is a CuPy array.
     """
@@ -106,7 +114,14 @@ def get_array_module(*arrays):
 
 
 def to_device(x, dtype=None):
-    """Copy ``x`` to the active backend (no copy when it is already there)."""
+    """Copy ``x`` to the active backend (no copy when it is already there).
+
+    Shapes: x (any) -> the same shape, on the active backend's device.
+
+    Parameters:
+        x: a NumPy or CuPy array (or anything ``asarray`` takes).
+        dtype: cast to this dtype on the way (None: keep x's).
+    """
     xp = get_xp()
     if xp is np:
         x = to_host(x)
@@ -115,14 +130,24 @@ def to_device(x, dtype=None):
 
 
 def to_host(x):
-    """Return ``x`` as a NumPy array (copying from the GPU if needed)."""
+    """Return ``x`` as a NumPy array (copying from the GPU if needed).
+
+    Shapes: x (any) -> the same shape, in host memory.
+
+    Parameters:
+        x: a NumPy or CuPy array.
+    """
     if get_array_module(x) is not np:
         return x.get()
     return np.asarray(x)
 
 
 def set_default_dtype(dtype) -> None:
-    """Dtype of new parameters: float32 (default) or float64 (for gradient checks)."""
+    """Dtype of new parameters: float32 (default) or float64 (for gradient checks).
+
+    Parameters:
+        dtype: ``"float32"`` / ``numpy.float32`` or ``"float64"`` / ``numpy.float64``.
+    """
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"default dtype must be float32 or float64, got {dtype}")
@@ -130,11 +155,16 @@ def set_default_dtype(dtype) -> None:
 
 
 def get_default_dtype() -> np.dtype:
+    """The dtype new parameters are created with (see :func:`set_default_dtype`)."""
     return _state["dtype"]
 
 
 def seed(value: int) -> None:
-    """Seed the random streams of every backend (initialisation, dropout, augmentation)."""
+    """Seed the random streams of every backend (initialisation, dropout, augmentation).
+
+    Parameters:
+        value: the seed; the streams restart from it (:func:`random_state`).
+    """
     _state["seed"] = int(value)
     _random_states.clear()
 

@@ -48,6 +48,13 @@ def numerical_gradient(f, x, h=1e-6):
 
     ``x`` is perturbed *in place* one element at a time (and restored), so ``f``
     may close over it (e.g. a layer parameter).
+
+    Shapes: x (any) -> grad (same shape): ``grad[i] = (f(x + h e_i) - f(x - h e_i)) / (2 h)``.
+
+    Parameters:
+        f: a function of no arguments returning a scalar that depends on ``x``.
+        x: the array to differentiate with respect to (float64 for accurate results).
+        h: the step.
     """
     xp = get_array_module(x)
     grad = xp.zeros_like(x)
@@ -65,7 +72,12 @@ def numerical_gradient(f, x, h=1e-6):
 
 @dataclass
 class GradCheckReport:
-    """Relative errors (analytic vs numerical) per checked array."""
+    """Relative errors (analytic vs numerical) per checked array; what :func:`gradcheck` returns.
+
+    Parameters:
+        errors: name (``"x"``, ``"W"``, ...) -> relative error of that array's gradient.
+        tolerance: an error below it is "ok"; ``ok`` is True when every error is.
+    """
 
     errors: dict = field(default_factory=dict)
     tolerance: float = 1e-6
@@ -92,6 +104,19 @@ def gradcheck(layer, x, dout=None, training=True, h=1e-6, tolerance=1e-6, seed=0
     ``training=False`` or by seeding identically before each call.
 
     Returns a :class:`GradCheckReport` with entries ``"x"`` and one per parameter.
+
+    Shapes:
+        x: the layer's input (any shape it takes); dout: the shape of ``layer.forward(x)``
+
+    Parameters:
+        layer: any minicnn layer (or container); it is cast to float64.
+        x: the input at which to check.
+        dout: the upstream gradient G in L = sum(f(x) * G); None: standard normal (seeded).
+        training: the mode of every forward pass (BatchNorm: batch or running statistics).
+        h: the central-difference step.
+        tolerance: the largest relative error that counts as correct (``report.ok``).
+        seed: seeds the default ``dout``.
+        check_params: also check every parameter's gradient, not only dx.
     """
     xp = get_array_module(x)
     layer.astype(np.float64)

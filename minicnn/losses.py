@@ -12,14 +12,26 @@ __all__ = ["SoftmaxCrossEntropy", "MSELoss", "softmax", "log_softmax"]
 
 
 def log_softmax(z):
-    """Numerically stable log-softmax over the last axis: z - max - log(sum(exp(z - max)))."""
+    """Numerically stable log-softmax over the last axis: z - max - log(sum(exp(z - max))).
+
+    Shapes: z (..., K) -> (..., K).
+
+    Parameters:
+        z: scores (logits).
+    """
     xp = get_array_module(z)
     shifted = z - z.max(axis=-1, keepdims=True)
     return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def softmax(z):
-    """Numerically stable softmax over the last axis."""
+    """Numerically stable softmax over the last axis: ``exp(z - max) / sum(exp(z - max))``.
+
+    Shapes: z (..., K) -> p (..., K), summing to 1 over the last axis.
+
+    Parameters:
+        z: scores (logits), host or device array.
+    """
     xp = get_array_module(z)
     e = xp.exp(z - z.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
@@ -38,6 +50,14 @@ def _check(name, logits, labels):
 class SoftmaxCrossEntropy:
     """Softmax cross-entropy from logits, with optional class weights and label smoothing.
 
+    Shapes:
+        logits z (N, K), labels y (N,) integers in [0, K)  ->  loss () (a 0-d array);
+        backward() -> dz (N, K)
+
+    Parameters:
+        class_weights: (K,) weights w, or None for all ones (as torch's ``weight``).
+        label_smoothing: e in [0, 1) (as torch's ``label_smoothing``).
+
     With p = softmax(z), K classes, smoothing e, class weights w (all ones by default):
 
         target distribution  q_k = (1 - e) [k = y] + e / K
@@ -48,6 +68,7 @@ class SoftmaxCrossEntropy:
         dz_ik = (p_ik * sum_k a_ik - a_ik) / W
 
     which reduces to the familiar (p - onehot(y)) / N without weights or smoothing.
+    Reference: :func:`minicnn.reference.softmax_cross_entropy` (one sample at a time).
     """
 
     def __init__(self, class_weights=None, label_smoothing=0.0):
@@ -57,6 +78,7 @@ class SoftmaxCrossEntropy:
         self.label_smoothing = float(label_smoothing)
 
     def forward(self, logits, labels):
+        """loss = weighted mean over the batch of -sum_k w_k q_k log softmax(z)_k; keeps p for backward."""
         _check("SoftmaxCrossEntropy", logits, labels)
         xp = get_array_module(logits)
         n, k = logits.shape
@@ -76,6 +98,7 @@ class SoftmaxCrossEntropy:
     __call__ = forward
 
     def backward(self):
+        """dL/dz (N, K) = (p * sum_k a_k - a) / W for the last forward pass ((p - onehot(y)) / N plainly)."""
         p, a, total = self.cache
         return (p * a.sum(axis=1, keepdims=True) - a) / total
 
@@ -84,13 +107,22 @@ class MSELoss:
     """Mean squared error between softmax(logits) and one-hot targets (the Keras recipe
     "softmax output + mse" that the "Deep Learning" report compares with cross-entropy).
 
+    Shapes:
+        logits z (N, K), labels y (N,)  ->  loss () (a 0-d array);  backward() -> dz (N, K)
+
+    Parameters: none.
+
         p = softmax(z),  t = onehot(y),  loss = mean over all N*K entries of (p - t)^2
 
     Backward: g = 2 (p - t) / (N K), then through the softmax Jacobian
         dz = p * (g - sum_k g_k p_k)
+
+    (the product with the softmax Jacobian diag(p) - p p^T, which
+    :func:`minicnn.reference.mse_softmax` writes out).
     """
 
     def forward(self, logits, labels):
+        """loss = mean over all N*K entries of (softmax(z) - onehot(y))**2; keeps p and t for backward."""
         _check("MSELoss", logits, labels)
         xp = get_array_module(logits)
         n, k = logits.shape
@@ -103,6 +135,7 @@ class MSELoss:
     __call__ = forward
 
     def backward(self):
+        """dL/dz (N, K) = p * (g - sum_k g_k p_k) with g = 2 (p - t) / (N K)."""
         p, t = self.cache
         g = 2.0 * (p - t) / p.size
         return p * (g - (g * p).sum(axis=1, keepdims=True))

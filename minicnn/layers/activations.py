@@ -9,20 +9,43 @@ __all__ = ["ReLU", "LeakyReLU", "Dropout"]
 
 
 class ReLU(Layer):
-    """out = max(x, 0);  dx = dout * [x > 0]."""
+    """Rectified linear unit, element-wise.
+
+    Shapes:
+        x (any) -> out (same shape)
+
+    Parameters: none.
+
+    Forward:  out = max(x, 0)
+    Backward: dx = dout * [x > 0]   (the derivative at 0 is taken as 0, as PyTorch)
+
+    Reference: :func:`minicnn.reference.relu_forward` / :func:`minicnn.reference.relu_backward`.
+    """
 
     def forward(self, x, training=True):
+        """out = max(x, 0); keeps the mask [x > 0] for backward."""
         self.mask = (x > 0).astype(x.dtype)  # float mask: multiplying by a bool array is slower
         return x * self.mask
 
     def backward(self, dout):
+        """dx = dout * [x > 0]."""
         return dout * self.mask
 
 
 class LeakyReLU(Layer):
-    """out = x if x > 0 else slope * x;  dx = dout * (1 if x > 0 else slope).
+    """Leaky ReLU, element-wise.
 
-    ``negative_slope`` defaults to 0.01, as ``torch.nn.LeakyReLU``.
+    Shapes:
+        x (any) -> out (same shape)
+
+    Parameters:
+        negative_slope: the slope for x <= 0; default 0.01, as ``torch.nn.LeakyReLU``
+            (Keras' ``LeakyReLU`` defaults to 0.3).
+
+    Forward:  out = x if x > 0 else negative_slope * x
+    Backward: dx = dout * (1 if x > 0 else negative_slope)
+
+    Reference: :func:`minicnn.reference.leaky_relu_forward` / ``..._backward``.
     """
 
     def __init__(self, negative_slope=0.01):
@@ -33,6 +56,7 @@ class LeakyReLU(Layer):
         return f"negative_slope={self.negative_slope}"
 
     def forward(self, x, training=True):
+        """out = x where x > 0, negative_slope * x elsewhere; keeps the local derivative."""
         # Keep the local derivative (1 or slope) itself: backward is then one multiply.
         # Built as [x > 0] * (1 - slope) + slope: two in-place passes, ~2x faster than where().
         slope = x.dtype.type(self.negative_slope)
@@ -42,17 +66,28 @@ class LeakyReLU(Layer):
         return x * self.slope
 
     def backward(self, dout):
+        """dx = dout * (1 if x > 0 else negative_slope)."""
         return dout * self.slope
 
 
 class Dropout(Layer):
-    """Inverted dropout; ``p`` is the probability of *dropping* a unit (as PyTorch).
+    """Inverted dropout; ``p`` is the probability of *dropping* a unit (as PyTorch and Keras;
+    CS231n's ``p`` is the probability of keeping it).
 
-    Training:   mask ~ Bernoulli(1 - p) / (1 - p),  out = x * mask,  dx = dout * mask
-    Evaluation: identity (the 1 / (1 - p) scaling at training time keeps the expectation).
+    Shapes:
+        x (any) -> out (same shape)
+
+    Parameters:
+        p: drop probability in [0, 1) (default 0.5); 0 makes the layer the identity.
+
+    Forward, training:   keep ~ Bernoulli(1 - p),  mask = keep / (1 - p),  out = x * mask
+    Forward, evaluation: out = x (the 1 / (1 - p) scaling at training time keeps E[out] = x)
+    Backward: dx = dout * mask (the mask of the last forward pass; dx = dout in evaluation)
 
     The mask is drawn from the seeded stream of the input's backend
     (:func:`minicnn.backend.random_state`), so runs are reproducible.
+    Reference: :func:`minicnn.reference.dropout_forward` / ``..._backward`` with
+    :func:`minicnn.reference.dropout_keep_mask`.
     """
 
     def __init__(self, p=0.5):
@@ -65,6 +100,7 @@ class Dropout(Layer):
         return f"p={self.p}"
 
     def forward(self, x, training=True):
+        """Training: out = x * mask with a fresh mask; evaluation: out = x."""
         if not training or self.p == 0.0:
             self.mask = None
             return x
@@ -74,4 +110,5 @@ class Dropout(Layer):
         return x * self.mask
 
     def backward(self, dout):
+        """dx = dout * mask (the same mask as the forward pass), or dout after an evaluation pass."""
         return dout if self.mask is None else dout * self.mask

@@ -25,7 +25,17 @@ def _shape_str(shape) -> str:
 
 
 class Layer:
-    """Base class: a differentiable function with optional parameters."""
+    """Base class: a differentiable function with optional parameters.
+
+    Every layer implements
+
+    * ``forward(x, training=True) -> out``, keeping on ``self`` what backward needs;
+    * ``backward(dout) -> dx``: given dL/d(out), of out's shape, return dL/dx, of x's
+      shape, and store dL/d(p) in ``self.grads[key]`` for every ``self.params[key]``.
+
+    Each public layer's own docstring (``help(minicnn.Conv2D)``) gives its
+    Shapes, Parameters and Forward / Backward formulas.
+    """
 
     def __init__(self) -> None:
         self.params: dict = {}
@@ -34,9 +44,14 @@ class Layer:
 
     # -- the two methods every layer implements -----------------------------
     def forward(self, x, training: bool = True):
+        """Compute the output for input ``x``; ``training`` selects batch statistics and dropout.
+
+        Keeps on ``self`` whatever :meth:`backward` will need (the cache).
+        """
         raise NotImplementedError
 
     def backward(self, dout):
+        """Given ``dout`` = dL/d(out) of the last forward pass, return dL/dx and fill ``self.grads``."""
         raise NotImplementedError
 
     def __call__(self, x, training: bool = True):
@@ -88,7 +103,10 @@ class Container(Layer):
     """A layer made of named sub-layers.
 
     ``params``, ``grads`` and ``buffers`` are views that merge the children's
-    dicts under ``"<child>.<key>"`` names; ``astype``/``to`` recurse.
+    dicts under ``"<child>.<key>"`` names; ``astype``/``to`` recurse. A
+    subclass writes ``forward`` and ``backward`` by calling its children's,
+    the backward ones in reverse order (see :class:`minicnn.Sequential`,
+    :class:`minicnn.ResidualBlock`).
     """
 
     def __init__(self) -> None:
@@ -96,6 +114,7 @@ class Container(Layer):
         self._children: dict[str, Layer] = {}
 
     def add(self, name: str, layer: Layer) -> Layer:
+        """Register ``layer`` as the child ``name`` (its parameters appear as ``"<name>.<key>"``); returns it."""
         if not isinstance(layer, Layer):
             raise TypeError(f"{name!r} must be a minicnn Layer, got {type(layer).__name__}")
         self._children[name] = layer

@@ -1,5 +1,10 @@
 """2-D convolution: the teaching reference (loops) and the fast path (im2col + one GEMM).
 
+Like PyTorch, Keras and CS231n, minicnn's "convolution" is a *cross-correlation*:
+the kernel is not flipped (the formula below reads ``W[f, c, u, v]`` against
+``x[.., i*sh + u, j*sw + v]``; a true convolution would read ``W[f, c, KH-1-u, KW-1-v]``).
+``scipy.signal.correlate2d`` computes the same thing, ``convolve2d`` the flipped one.
+
 Notation (NCHW): input ``x`` of shape (N, C, H, W), weight ``W`` of shape
 (F, C, KH, KW), bias ``b`` of shape (F,), stride (sh, sw), zero padding (ph, pw).
 Output (N, F, OH, OW) with
@@ -28,7 +33,7 @@ __all__ = ["Conv2D", "im2col", "col2im", "conv2d_naive", "conv_output_size", "pa
 
 
 def pair(v, name="value"):
-    """``3 -> (3, 3)``; ``(3, 1) -> (3, 1)``."""
+    """``3 -> (3, 3)``; ``(3, 1) -> (3, 1)``; ``name`` labels the error for a wrong length."""
     if isinstance(v, (tuple, list)):
         if len(v) != 2:
             raise ValueError(f"{name} must be an int or a pair, got {v!r}")
@@ -37,6 +42,7 @@ def pair(v, name="value"):
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Window positions along one axis: ``(size + 2 padding - kernel) // stride + 1``."""
     return (size + 2 * padding - kernel) // stride + 1
 
 
@@ -58,9 +64,17 @@ def _pad(x, ph, pw, value=0.0):
 
 
 def im2col(x, kh, kw, stride=1, padding=0):
-    """Unfold receptive fields into columns.
+    """Unfold receptive fields into columns: ``cols[(c, u, v), (n, i, j)] = xpad[n, c, i*sh + u, j*sw + v]``.
 
-    x: (N, C, H, W)  ->  cols: (C*KH*KW, N*OH*OW), row index (c, u, v), column index (n, i, j).
+    Shapes:
+        x (N, C, H, W)  ->  cols (C*KH*KW, N*OH*OW); row index (c, u, v), column index (n, i, j)
+
+    Parameters:
+        x: input images; kh, kw: kernel height and width;
+        stride, padding: an int or an (h, w) pair (padding adds zeros).
+
+    Built with one strided copy; :func:`minicnn.reference.im2col` builds the same
+    matrix entry by entry.
     """
     sh, sw = pair(stride, "stride")
     ph, pw = pair(padding, "padding")
@@ -74,8 +88,16 @@ def im2col(x, kh, kw, stride=1, padding=0):
 def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
     """Adjoint of :func:`im2col`: sum every column entry back onto its source pixel.
 
-    cols: (C*KH*KW, N*OH*OW)  ->  (N, C, H, W). The loop runs over the KH*KW kernel
-    offsets only; each iteration adds a whole (N, C, OH, OW) slab.
+    Shapes:
+        cols (C*KH*KW, N*OH*OW)  ->  dx (N, C, H, W) = ``x_shape``
+
+    Parameters:
+        cols: a matrix laid out as :func:`im2col`'s; x_shape: the image shape (N, C, H, W);
+        kh, kw, stride, padding: as for :func:`im2col`.
+
+    ``dxpad[n, c, i*sh + u, j*sw + v] += cols[(c, u, v), (n, i, j)]``, then the padding
+    is cut off, so ``<im2col(x), y> == <x, col2im(y)>``. The loop runs over the KH*KW
+    kernel offsets only; each iteration adds a whole (N, C, OH, OW) slab.
     """
     sh, sw = pair(stride, "stride")
     ph, pw = pair(padding, "padding")
@@ -91,10 +113,18 @@ def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
 
 
 def conv2d_naive(x, W, b=None, stride=1, padding=0):
-    """Teaching reference: the convolution sum written as explicit loops.
+    """Teaching reference: the convolution sum (a cross-correlation) written as explicit loops.
 
-    Slow (Python loops over every output pixel); used as the oracle in tests and
-    to read alongside the formula in this module's docstring.
+    Shapes:
+        x (N, C, H, W), W (F, C, KH, KW), b (F,)  ->  out (N, F, OH, OW)
+
+    Parameters:
+        x: input; W: filters; b: biases or None; stride, padding: an int or an (h, w) pair.
+
+    ``out[n, f, i, j] = b[f] + sum_{c, u, v} W[f, c, u, v] * xpad[n, c, i*sh + u, j*sw + v]``.
+    Slow (Python loops over every output pixel); the tests' oracle together with
+    :func:`minicnn.reference.conv2d_forward` and :func:`minicnn.reference.conv2d_backward`,
+    which also loop over the batch and the filters and give the backward pass.
     """
     sh, sw = pair(stride, "stride")
     ph, pw = pair(padding, "padding")
@@ -117,19 +147,31 @@ def conv2d_naive(x, W, b=None, stride=1, padding=0):
 class Conv2D(Layer):
     """2-D convolution by im2col and one matrix product.
 
-    Shapes:  x (N, C_in, H, W)  ->  out (N, C_out, OH, OW);  W (C_out, C_in, KH, KW);  b (C_out,)
+    It computes a *cross-correlation*, as PyTorch does: the kernel is not flipped.
 
-    Forward (with X = im2col(x), shape (C_in*KH*KW, N*OH*OW)):
-        out = W_mat @ X + b,      W_mat = W.reshape(C_out, -1)
+    Shapes:
+        x (N, C_in, H, W)  ->  out (N, C_out, OH, OW)
+        W (C_out, C_in, KH, KW) (PyTorch's layout),  b (C_out,)
+        OH = (H + 2 ph - KH) // sh + 1,   OW = (W + 2 pw - KW) // sw + 1
+
+    Parameters:
+        in_channels, out_channels: C_in and C_out.
+        kernel_size, stride, padding: an int or an (h, w) pair; padding adds zeros.
+        bias: learn a bias ``b`` (starts at zero); False for a conv followed by BatchNorm.
+        init: initialiser name for W (default ``"he_normal"``, suited to the ReLU family).
+
+    Forward:
+        out[n, f, i, j] = b[f] + sum_{c, u, v} W[f, c, u, v] * xpad[n, c, i*sh + u, j*sw + v]
+        computed as out = W_mat @ X + b, with X = im2col(x) (C_in*KH*KW, N*OH*OW)
+        and W_mat = W.reshape(C_out, -1)
 
     Backward, with G = dout rearranged to (C_out, N*OH*OW):
-        dW = (G @ X^T).reshape(W.shape)
+        dW = (G @ X^T).reshape(W.shape)     i.e. dW[f, c, u, v] = sum_{n, i, j} dout[n, f, i, j] xpad[n, c, i*sh + u, j*sw + v]
         db = sum of dout over (N, OH, OW)
-        dx = col2im(W_mat^T @ G)
+        dx = col2im(W_mat^T @ G)            i.e. dxpad[n, c, i*sh + u, j*sw + v] += dout[n, f, i, j] W[f, c, u, v]
 
-    Parameters: ``kernel_size``, ``stride`` and ``padding`` take an int or an
-    (h, w) pair; ``init`` names an initialiser (default He normal, suited to the
-    ReLU family); the bias starts at zero.
+    Reference: :func:`minicnn.reference.conv2d_forward` / :func:`minicnn.reference.conv2d_backward`
+    (loops), proven equal in ``tests/test_reference.py``.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, init="he_normal"):
@@ -181,6 +223,7 @@ class Conv2D(Layer):
             )
 
     def forward(self, x, training=True):
+        """x (N, C_in, H, W) -> out (N, C_out, OH, OW); keeps im2col(x) for backward (``training`` is unused)."""
         self._check(x)
         n = x.shape[0]
         kh, kw = self.kernel_size
@@ -197,6 +240,10 @@ class Conv2D(Layer):
         return out
 
     def backward(self, dout):
+        """dout (N, C_out, OH, OW) -> dx (N, C_in, H, W); sets ``grads["W"]`` = G @ X^T and ``grads["b"]``.
+
+        See the class docstring for the formulas.
+        """
         x_shape, cols = self.cache
         W = self.params["W"]
         f = self.out_channels

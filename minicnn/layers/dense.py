@@ -10,14 +10,22 @@ __all__ = ["Dense", "Flatten"]
 
 
 class Dense(Layer):
-    """Affine layer.
+    """Affine (fully connected) layer.
 
-    Shapes: x (N, D_in) -> out (N, D_out);  W (D_in, D_out);  b (D_out,)
+    Shapes:
+        x (N, D_in) -> out (N, D_out);  W (D_in, D_out);  b (D_out,)
 
-    Forward:  out = x @ W + b
+    Parameters:
+        in_features, out_features: D_in and D_out.
+        bias: learn a bias ``b`` (starts at zero).
+        init: initialiser name for W (default ``"he_normal"``).
+
+    Forward:  out = x @ W + b,             out[n, k] = b[k] + sum_d x[n, d] W[d, k]
     Backward: dx = dout @ W^T,   dW = x^T @ dout,   db = sum over N of dout
 
-    (Note the weight layout (in, out), as in CS231n; ``torch.nn.Linear`` stores the transpose.)
+    (Note the weight layout (in, out), as in CS231n and Keras; ``torch.nn.Linear`` stores
+    the transpose: ``W = linear.weight.T``.) Reference: :func:`minicnn.reference.dense_forward`
+    / :func:`minicnn.reference.dense_backward`.
     """
 
     def __init__(self, in_features, out_features, bias=True, init="he_normal"):
@@ -33,6 +41,7 @@ class Dense(Layer):
         return f"{self.in_features}, {self.out_features}" + ("" if "b" in self.params else ", bias=False")
 
     def forward(self, x, training=True):
+        """out = x @ W + b; keeps x for backward."""
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise self._bad_input(f"(N, {self.in_features})", x)
         self.x = x
@@ -42,6 +51,7 @@ class Dense(Layer):
         return out
 
     def backward(self, dout):
+        """dout (N, D_out) -> dx = dout @ W^T; sets ``grads["W"]`` = x^T @ dout, ``grads["b"]`` = sum dout."""
         self.grads["W"] = self.x.T @ dout
         if "b" in self.params:
             self.grads["b"] = dout.sum(axis=0)
@@ -51,13 +61,24 @@ class Dense(Layer):
 
 
 class Flatten(Layer):
-    """(N, d1, d2, ...) -> (N, d1 * d2 * ...); backward reshapes back."""
+    """Flatten everything but the batch axis (row-major, as ``torch.flatten(x, 1)``).
+
+    Shapes:
+        x (N, d1, d2, ...) -> out (N, d1 * d2 * ...)
+
+    Parameters: none.
+
+    Forward:  out = x.reshape(N, -1)
+    Backward: dx = dout.reshape(x.shape)
+    """
 
     def forward(self, x, training=True):
+        """out = x.reshape(N, -1)."""
         if x.ndim < 2:
             raise self._bad_input("(N, ...)", x)
         self.shape = x.shape
         return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
     def backward(self, dout):
+        """dx = dout reshaped back to the input's shape."""
         return dout.reshape(self.shape)

@@ -25,7 +25,8 @@ __all__ = ["BatchNorm1D", "BatchNorm2D", "recalibrate_batchnorm"]
 
 
 class _BatchNorm(Layer):
-    """Shared math; subclasses say which axes are reduced.
+    """Shared math of :class:`BatchNorm1D` and :class:`BatchNorm2D` (whose docstrings repeat it);
+    subclasses say which axes are reduced.
 
     With m values per feature, mu and var their batch mean and (biased) variance:
 
@@ -67,6 +68,8 @@ class _BatchNorm(Layer):
             raise self._bad_input(self.layout.format(self.num_features), x)
 
     def forward(self, x, training=True):
+        """Normalise ``x`` with the batch statistics (training, which also updates the running
+        ones) or with the running statistics (evaluation); the output has x's shape."""
         self._check(x)
         xp = get_array_module(x)
         gamma, beta = self._shape(self.params["gamma"]), self._shape(self.params["beta"])
@@ -94,6 +97,11 @@ class _BatchNorm(Layer):
         return out
 
     def backward(self, dout):
+        """dout (x's shape) -> dx; sets ``grads["gamma"]`` = sum dout * xhat and ``grads["beta"]`` = sum dout.
+
+        dx = gamma / (m sqrt(var + eps)) (m dout - sum dout - xhat sum dout * xhat) after a
+        training-mode forward, dout * gamma / sqrt(running_var + eps) after an evaluation one.
+        """
         xp = get_array_module(dout)
         batch_stats, xhat, inv_std = self.cache
         gamma = self._shape(self.params["gamma"])
@@ -113,7 +121,38 @@ class _BatchNorm(Layer):
 
 
 class BatchNorm1D(_BatchNorm):
-    """Batch normalisation of dense features: x (N, D) -> y (N, D); statistics over N."""
+    """Batch normalisation of dense features, statistics per feature over the batch.
+
+    Shapes:
+        x (N, D) -> y (N, D);  gamma, beta, running_mean, running_var (D,)
+        m = N values per feature
+
+    Parameters:
+        num_features: D (or C), the number of normalised features.
+        momentum: weight of each new batch in the running statistics, PyTorch's
+            convention (default 0.1; CS231n's and Keras' momentum is 1 - this, see docs/conventions.md).
+        eps: added to the variance (default 1e-5, as PyTorch).
+
+    Forward, training mode (``training=True``), with mu and var the batch mean and
+    *biased* variance (divided by m) of each feature:
+        xhat = (x - mu) / sqrt(var + eps),        y = gamma * xhat + beta
+        running_mean = (1 - momentum) * running_mean + momentum * mu
+        running_var  = (1 - momentum) * running_var  + momentum * var * m / (m - 1)   (unbiased, as PyTorch)
+
+    Forward, evaluation mode: the running statistics replace mu and var.
+
+    Backward, training mode (mu and var depend on x; sums over the batch axis N):
+        dbeta  = sum dy
+        dgamma = sum dy * xhat
+        dx     = gamma / (m * sqrt(var + eps)) * (m * dy - sum(dy) - xhat * sum(dy * xhat))
+
+    Backward, evaluation mode (the statistics are constants):
+        dx = dy * gamma / sqrt(running_var + eps)   (dgamma, dbeta as above)
+
+    Reference: :func:`minicnn.reference.batchnorm_forward` with the step-by-step
+    (:func:`~minicnn.reference.batchnorm_backward_steps`) and the compact
+    (:func:`~minicnn.reference.batchnorm_backward_compact`) backward passes.
+    """
 
     axes = (0,)
     layout = "(N, {})"
@@ -121,7 +160,39 @@ class BatchNorm1D(_BatchNorm):
 
 
 class BatchNorm2D(_BatchNorm):
-    """Spatial batch normalisation: x (N, C, H, W) -> y (N, C, H, W); statistics per channel over (N, H, W)."""
+    """Spatial batch normalisation: statistics per channel over (N, H, W).
+
+    Shapes:
+        x (N, C, H, W) -> y (N, C, H, W);  gamma, beta, running_mean, running_var (C,)
+        m = N*H*W values per channel (every pixel counts as a sample, as in CS231n's
+        spatial BatchNorm, which reshapes x to (N*H*W, C) and calls the 1-D version)
+
+    Parameters:
+        num_features: D (or C), the number of normalised features.
+        momentum: weight of each new batch in the running statistics, PyTorch's
+            convention (default 0.1; CS231n's and Keras' momentum is 1 - this, see docs/conventions.md).
+        eps: added to the variance (default 1e-5, as PyTorch).
+
+    Forward, training mode (``training=True``), with mu and var the batch mean and
+    *biased* variance (divided by m) of each feature:
+        xhat = (x - mu) / sqrt(var + eps),        y = gamma * xhat + beta
+        running_mean = (1 - momentum) * running_mean + momentum * mu
+        running_var  = (1 - momentum) * running_var  + momentum * var * m / (m - 1)   (unbiased, as PyTorch)
+
+    Forward, evaluation mode: the running statistics replace mu and var.
+
+    Backward, training mode (mu and var depend on x; sums over (N, H, W), per channel):
+        dbeta  = sum dy
+        dgamma = sum dy * xhat
+        dx     = gamma / (m * sqrt(var + eps)) * (m * dy - sum(dy) - xhat * sum(dy * xhat))
+
+    Backward, evaluation mode (the statistics are constants):
+        dx = dy * gamma / sqrt(running_var + eps)   (dgamma, dbeta as above)
+
+    Reference: :func:`minicnn.reference.batchnorm_forward` with the step-by-step
+    (:func:`~minicnn.reference.batchnorm_backward_steps`) and the compact
+    (:func:`~minicnn.reference.batchnorm_backward_compact`) backward passes.
+    """
 
     axes = (0, 2, 3)
     layout = "(N, {}, H, W)"
@@ -165,6 +236,15 @@ def recalibrate_batchnorm(model: Layer, x, batch_size: int = 256, seed: int = 0)
     batches of nearly equal size (so no batch is smaller than ``batch_size``,
     unless N is); it may live on the host or the device. Parameters are not
     touched. Returns ``{"batchnorm_layers": L, "images": N, "batches": B}``.
+
+    Shapes:
+        x (N, ...) model inputs, e.g. (N, 1, 48, 48), N >= 2
+
+    Parameters:
+        model: a layer or container holding at least one BatchNorm.
+        x: the inputs whose statistics to use (host or device).
+        batch_size: images per forward pass (at least 2).
+        seed: the shuffle that forms the batches.
     """
     norms = [layer for layer in _walk(model) if isinstance(layer, _BatchNorm)]
     if not norms:

@@ -28,6 +28,8 @@ def _record_winner(arg, better, k):
 
 
 class _Pool2D(Layer):
+    """Window geometry shared by :class:`MaxPool2D` and :class:`AvgPool2D`."""
+
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
         self.kernel_size = pair(kernel_size, "kernel_size")
@@ -77,21 +79,35 @@ class _Pool2D(Layer):
 class MaxPool2D(_Pool2D):
     """Max pooling (padding with -inf, as PyTorch). ``stride`` defaults to ``kernel_size``.
 
-    Shapes: x (N, C, H, W) -> out (N, C, OH, OW), OH = (H + 2p - k) // s + 1.
+    Shapes:
+        x (N, C, H, W) -> out (N, C, OH, OW),  OH = (H + 2 ph - KH) // sh + 1,  OW likewise
 
-    Forward:  out[n, c, i, j] = max of the window; ``arg`` keeps which offset won
-              (the first one on ties, as PyTorch).
-    Backward: the whole upstream gradient of a window goes to its arg-max:
-              dx[n, c, y, x] = sum over windows whose arg-max is (y, x) of dout.
+    Parameters:
+        kernel_size: an int or an (h, w) pair.
+        stride: an int or a pair; None (default) = kernel_size, non-overlapping windows;
+            smaller than the kernel: overlapping windows.
+        padding: an int or a pair, at most half the kernel; padded cells hold -inf and never win.
+
+    Forward:  out[n, c, i, j] = max_{u, v} xpad[n, c, i*sh + u, j*sw + v]; the layer keeps
+              which offset (u, v) won (the first one in row-major order on ties, as PyTorch).
+    Backward: the whole upstream gradient of a window goes to its arg-max (u*, v*):
+              dxpad[n, c, i*sh + u*, j*sw + v*] += dout[n, c, i, j]
+              (windows that overlap and share a maximum add up).
+
+    Non-overlapping windows without padding take a faster separable path (max along
+    W, then along H). Reference: :func:`minicnn.reference.maxpool2d_forward` /
+    :func:`minicnn.reference.maxpool2d_backward` (one window at a time).
     """
 
     def forward(self, x, training=True):
+        """x (N, C, H, W) -> out (N, C, OH, OW), the max of every window; keeps the arg-max offsets."""
         xpad = self._offsets(x, -np.inf)
         if self.stride == self.kernel_size and self.padding == (0, 0):
             return self._forward_separable(x)
         return self._forward_general(x, xpad)
 
     def backward(self, dout):
+        """dout (N, C, OH, OW) -> dx (N, C, H, W): each window's dout goes to its arg-max, zero elsewhere."""
         if self.cache[0] == "separable":
             return self._backward_separable(dout)
         return self._backward_general(dout)
@@ -164,12 +180,24 @@ class MaxPool2D(_Pool2D):
 class AvgPool2D(_Pool2D):
     """Average pooling (zero padding counted in the average, as PyTorch's default).
 
-    Shapes: x (N, C, H, W) -> out (N, C, OH, OW).
-    Forward:  out[n, c, i, j] = mean of the (KH, KW) window.
-    Backward: every input in a window receives dout[n, c, i, j] / (KH * KW).
+    Shapes:
+        x (N, C, H, W) -> out (N, C, OH, OW),  OH = (H + 2 ph - KH) // sh + 1,  OW likewise
+
+    Parameters:
+        kernel_size: an int or an (h, w) pair.
+        stride: an int or a pair; None (default) = kernel_size.
+        padding: an int or a pair, at most half the kernel; padded zeros count in the mean
+            (PyTorch's ``count_include_pad=True``).
+
+    Forward:  out[n, c, i, j] = (1 / (KH KW)) sum_{u, v} xpad[n, c, i*sh + u, j*sw + v]
+    Backward: every input of a window receives an equal share:
+              dxpad[n, c, i*sh + u, j*sw + v] += dout[n, c, i, j] / (KH KW)
+
+    Reference: :func:`minicnn.reference.avgpool2d_forward` / :func:`minicnn.reference.avgpool2d_backward`.
     """
 
     def forward(self, x, training=True):
+        """x (N, C, H, W) -> out (N, C, OH, OW), the mean of every window."""
         xpad = self._offsets(x, 0.0)
         out = None
         for sl in self._slices:
@@ -178,6 +206,7 @@ class AvgPool2D(_Pool2D):
         return out * out.dtype.type(1.0 / len(self._slices))
 
     def backward(self, dout):
+        """dout (N, C, OH, OW) -> dx (N, C, H, W): dout / (KH KW) added to every pixel of its window."""
         xp = get_array_module(dout)
         x_shape, padded_shape = self.cache
         share = dout * dout.dtype.type(1.0 / len(self._slices))
@@ -188,19 +217,28 @@ class AvgPool2D(_Pool2D):
 
 
 class GlobalAvgPool2D(Layer):
-    """Global average pooling: (N, C, H, W) -> (N, C).
+    """Global average pooling: each feature map becomes its mean.
 
-    Forward:  out[n, c] = mean over (H, W) of x[n, c].
-    Backward: dx[n, c, y, x] = dout[n, c] / (H * W).
+    Shapes:
+        x (N, C, H, W) -> out (N, C)
+
+    Parameters: none.
+
+    Forward:  out[n, c] = (1 / (H W)) sum_{y, x} x[n, c, y, x]
+    Backward: dx[n, c, y, x] = dout[n, c] / (H W)
+
+    Reference: :func:`minicnn.reference.global_avgpool2d_forward` / ``..._backward``.
     """
 
     def forward(self, x, training=True):
+        """x (N, C, H, W) -> out (N, C), the mean over (H, W)."""
         if x.ndim != 4:
             raise self._bad_input("(N, C, H, W)", x)
         self.cache = x.shape
         return x.mean(axis=(2, 3))
 
     def backward(self, dout):
+        """dout (N, C) -> dx (N, C, H, W) = dout / (H W) broadcast over every pixel."""
         xp = get_array_module(dout)
         n, c, h, w = self.cache
         return xp.broadcast_to((dout / (h * w))[:, :, None, None], (n, c, h, w)).copy()

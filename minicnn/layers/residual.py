@@ -12,7 +12,13 @@ __all__ = ["ResidualBlock"]
 class ResidualBlock(Container):
     """Two 3x3 conv + BN with a shortcut: ``out = relu(bn2(conv2(relu(bn1(conv1(x))))) + s(x))``.
 
-    Shapes: x (N, C_in, H, W) -> out (N, C_out, H', W') with H' = ceil(H / stride).
+    Shapes:
+        x (N, C_in, H, W) -> out (N, C_out, H', W') with H' = ceil(H / stride), W' likewise
+
+    Parameters:
+        in_channels, out_channels: C_in and C_out.
+        stride: of the first convolution (and of the projection); 2 halves H and W.
+
     The shortcut ``s`` is the identity when ``stride == 1`` and ``C_in == C_out``,
     otherwise a 1x1 convolution with that stride followed by BatchNorm (the
     "projection shortcut"). Convolutions have no bias: BatchNorm's beta plays
@@ -44,12 +50,14 @@ class ResidualBlock(Container):
         )
 
     def forward(self, x, training=True):
+        """out = relu(main(x) + shortcut(x)); every sub-layer keeps its own cache."""
         h = self.relu1.forward(self.bn1.forward(self.conv1.forward(x, training), training), training)
         h = self.bn2.forward(self.conv2.forward(h, training), training)
         s = self.proj_bn.forward(self.proj.forward(x, training), training) if self.projection else x
         return self.relu_out.forward(h + s, training)
 
     def backward(self, dout):
+        """dx = d(main branch)(g) + d(shortcut)(g), with g = dout * [out > 0]; fills the children's grads."""
         g = self.relu_out.backward(dout)
         dh = self.conv1.backward(self.bn1.backward(self.relu1.backward(self.conv2.backward(self.bn2.backward(g)))))
         ds = self.proj.backward(self.proj_bn.backward(g)) if self.projection else g

@@ -13,6 +13,19 @@ __all__ = ["Sequential"]
 class Sequential(Container):
     """Layers applied one after the other; itself a :class:`Layer`.
 
+    Shapes:
+        x: what the first layer takes (the zoo's: (N, 1, 48, 48))  ->  the last layer's output
+        (the zoo's: logits (N, K))
+
+    Parameters:
+        layers: the layers, in order (more can be added with :meth:`append`).
+        input_shape: one input without the batch axis, e.g. ``(1, 48, 48)`` (for :meth:`summary`).
+        name, config: stored in saved files so that :func:`minicnn.build_model` can rebuild the model.
+
+    Forward:  out = f_L(... f_2(f_1(x)))
+    Backward: the chain rule, last layer first: dout_{l-1} = f_l.backward(dout_l), ending with dx;
+              every layer fills its own ``grads`` on the way (``model.grads`` collects them).
+
     ``forward(x, training)`` runs the layers in order and ``backward(dout)``
     in reverse, each layer keeping what its backward needs. Training and
     evaluation differ only through the explicit ``training`` argument
@@ -57,11 +70,13 @@ class Sequential(Container):
 
     # -- computation ----------------------------------------------------------
     def forward(self, x, training=True):
+        """Run every layer in order on ``x``, in training or evaluation mode."""
         for layer in self.layers:
             x = layer.forward(x, training)
         return x
 
     def backward(self, dout):
+        """dL/d(logits) -> dL/dx, through every layer's backward in reverse order (fills ``grads``)."""
         for layer in reversed(self.layers):
             dout = layer.backward(dout)
         return dout

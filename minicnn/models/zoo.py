@@ -2,6 +2,7 @@
 
 Every builder takes ``num_classes`` and returns a :class:`Sequential` whose
 ``name`` and ``config`` let :func:`build_model` rebuild it from a saved file.
+``MODELS`` maps each name below to its builder function.
 Where a report leaves a detail open, the builder's docstring says what was chosen.
 
 =================  ===========================================  ==============
@@ -225,7 +226,12 @@ MODELS = {
 
 
 def build_model(name: str, **config) -> Sequential:
-    """Build zoo model ``name`` with keyword ``config`` (e.g. ``num_classes=6``)."""
+    """Build zoo model ``name`` with keyword ``config`` (e.g. ``num_classes=6``).
+
+    Parameters:
+        name: a key of ``MODELS`` (``"hw3_cnn"``, ``"trd_cnn"``, ...).
+        config: keyword arguments of that builder (``num_classes``, ``dropout``, ...).
+    """
     try:
         builder = MODELS[name]
     except KeyError:
