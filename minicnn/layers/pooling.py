@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import kernels
 from ..backend import get_array_module
 from .base import Layer
 from .conv import _pad, conv_output_size, pair
@@ -85,12 +86,14 @@ class MaxPool2D(_Pool2D):
               dx[n, c, y, x] = sum over windows whose arg-max is (y, x) of dout.
     """
 
+    @kernels.gpu_fast_path(kernels.maxpool2d_forward)  # on CuPy: one kernel (minicnn/kernels.py)
     def forward(self, x, training=True):
         xpad = self._offsets(x, -np.inf)
         if self.stride == self.kernel_size and self.padding == (0, 0):
             return self._forward_separable(x)
         return self._forward_general(x, xpad)
 
+    @kernels.gpu_fast_path(kernels.maxpool2d_backward)
     def backward(self, dout):
         if self.cache[0] == "separable":
             return self._backward_separable(dout)
