@@ -187,6 +187,22 @@ def compile_units() -> list[tuple[str, str]]:
     return units
 
 
+# -- the backend's probe of NVRTC (minicnn.backend.set_backend("cupy")) --------------------------
+def _probe_numpy(x, y):
+    y[...] = x + x.dtype.type(1)
+
+
+_probe = Elementwise("minicnn_probe", "T x", "T y", "y = x + (T)1;", _probe_numpy)
+
+
+def probe(xp):
+    """Compile and run one tiny kernel: fails where NVRTC is missing. Returns the result (ones)."""
+    x = xp.zeros((4,), dtype=np.float32)
+    y = xp.empty_like(x)
+    _probe(xp, x, y)
+    return y
+
+
 # -- optimisers: one launch per parameter -----------------------------------------------------
 def _adam_numpy(g, step_size, bias2_sqrt, beta1, beta2, eps, l2, decay, p, m, v):
     dt = p.dtype.type

@@ -396,7 +396,8 @@ _ELEMENTWISE = ("add", "subtract", "multiply", "divide", "true_divide", "floor_d
 _REDUCTIONS = ("sum", "mean", "max", "min", "argmax", "argmin", "prod", "count_nonzero", "cumsum", "bincount", "var",
                "std", "any", "all", "sort", "argsort", "dot", "matmul", "tensordot", "stack", "concatenate",
                "take", "pad", "full_like", "zeros_like", "ones_like", "zeros", "ones", "full", "arange", "eye",
-               "linspace", "flip", "array_equal", "isclose", "allclose", "outer")
+               "linspace", "flip", "array_equal", "isclose", "allclose", "outer", "tile", "repeat", "rot90",
+               "unique", "nonzero")
 _VIEWS = ("transpose", "swapaxes", "moveaxis", "expand_dims", "squeeze", "broadcast_to", "reshape", "ravel")
 for _name in _ELEMENTWISE + _REDUCTIONS:
     globals()[_name] = _function(_name, getattr(_np, _name))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import initializers, kernels
-from ..backend import get_array_module, to_device
+from ..backend import get_array_module, module_of, to_array_module
 from .activations import Dropout
 from .base import Layer
 
@@ -214,6 +214,7 @@ def recalibrate_batchnorm(model: Layer, x, batch_size: int = 256, seed: int = 0)
     batches = np.array_split(order, max(1, n // int(batch_size)))
     dtype = norms[0].params["gamma"].dtype
     x_xp = get_array_module(x)  # index x where it lives (host or device), then move each batch
+    model_xp = module_of(model)  # to the model's device (not the active backend's)
     try:
         for layer in dropouts:
             layer.p = 0.0  # Dropout with p == 0 is the identity, in training mode too
@@ -224,7 +225,7 @@ def recalibrate_batchnorm(model: Layer, x, batch_size: int = 256, seed: int = 0)
             # running, size-weighted average above; the first batch (momentum 1) overwrites.
             for layer in norms:
                 layer.momentum = len(idx) / seen
-            xb = to_device(x[x_xp.asarray(np.sort(idx))], dtype=dtype)
+            xb = to_array_module(x[x_xp.asarray(np.sort(idx))], model_xp, dtype=dtype)
             model.forward(xb, training=True)
     finally:
         for layer, p in zip(dropouts, saved_p):
