@@ -36,6 +36,7 @@ __all__ = [
     "set_default_dtype",
     "get_default_dtype",
     "cupy_available",
+    "cupy_importable",
     "use_heap_allocator",
 ]
 
@@ -93,6 +94,16 @@ def _probe_libraries(cupy) -> None:
             raise BackendUnavailableError(
                 f"CuPy {getattr(cupy, '__version__', '?')} sees a GPU, but {what} failed "
                 f"({type(exc).__name__}: {exc}); install CuPy with its CUDA libraries: {INSTALL_HINT}") from exc
+
+
+def cupy_importable() -> bool:
+    """True when a package named ``cupy`` can be imported (says nothing about a GPU; never raises)."""
+    import importlib.util  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    if "cupy" in sys.modules:
+        return sys.modules["cupy"] is not None
+    return importlib.util.find_spec("cupy") is not None
 
 
 def cupy_available() -> bool:

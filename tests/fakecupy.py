@@ -410,8 +410,8 @@ def empty(shape, dtype=float, order="C"):
     return ndarray(_np.empty(shape, dtype=dtype, order=order))
 
 
-def empty_like(a, dtype=None, order="K", subok=None, shape=None):
-    return ndarray(_np.empty_like(_unwrap(a), dtype=dtype, order=order, shape=shape))
+def empty_like(prototype, dtype=None, order="K", subok=None, shape=None):
+    return ndarray(_np.empty_like(_unwrap(prototype), dtype=dtype, order=order, shape=shape))
 
 
 def ascontiguousarray(a, dtype=None):
@@ -507,10 +507,10 @@ class _RandomState:
             ledger.sync(f"randint over {span} values (not a power of two)")
         return self._draw("randint", _np.asarray(self._rs.randint(lo, hi, size)).astype(dtype))
 
-    def permutation(self, num):
-        if not isinstance(num, int):
+    def permutation(self, a):
+        if not isinstance(a, int):
             raise TypeError("fakecupy: RandomState.permutation takes an int here")
-        return self._draw("permutation", self._rs.permutation(num))
+        return self._draw("permutation", self._rs.permutation(a))
 
 
 random = types.SimpleNamespace(RandomState=_RandomState)
