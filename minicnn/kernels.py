@@ -777,3 +777,65 @@ def maxpool2d_backward(layer, dout):
                       (dout, arg, dx, *map(i32, (n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow))))
     layer.cache = None
     return dx
+
+
+# -- augmentation: the bilinear affine warp in one launch -------------------------------------
+def _affine_warp_numpy(grid, block, x, m, out, n, c, h, w):
+    n, c, h, w = map(int, (n, c, h, w))
+    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+    u = (np.arange(h, dtype=np.float64) - cy)[None, :, None]
+    v = (np.arange(w, dtype=np.float64) - cx)[None, None, :]
+    mm = m.reshape(n, 6)[:, :, None, None]
+    sr = np.clip(mm[:, 0] * u + mm[:, 1] * v + mm[:, 2] + cy, 0.0, h - 1.0)
+    sc = np.clip(mm[:, 3] * u + mm[:, 4] * v + mm[:, 5] + cx, 0.0, w - 1.0)
+    r0, c0 = np.floor(sr).astype(np.int64), np.floor(sc).astype(np.int64)
+    wr, wc = (sr - r0).astype(x.dtype)[:, None], (sc - c0).astype(x.dtype)[:, None]
+    r1, c1 = np.minimum(r0 + 1, h - 1), np.minimum(c0 + 1, w - 1)
+    planes = x.reshape(n, c, h * w)
+
+    def at(r, col):
+        return np.take_along_axis(planes, (r * w + col).reshape(n, 1, h * w), axis=2).reshape(n, c, h, w)
+
+    one = x.dtype.type(1)
+    top = at(r0, c0) * (one - wc) + at(r0, c1) * wc
+    bottom = at(r1, c0) * (one - wc) + at(r1, c1) * wc
+    out.reshape(n, c, h, w)[...] = top * (one - wr) + bottom * wr
+
+
+_affine_warp = Raw("minicnn_affine_warp", r"""
+// One thread per output pixel: its source point under the image's affine map m (2 x 3, about the centre),
+// clamped to the image (edge replication), sampled bilinearly.
+extern "C" __global__ void {NAME}(const {T}* x, const double* m, {T}* out, const int n, const int c, const int h,
+                                  const int w) {
+  const long long total = (long long)n * c * h * w;
+  const double cy = (h - 1) / 2.0, cx = (w - 1) / 2.0;
+  for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
+       t += (long long)blockDim.x * gridDim.x) {
+    long long r = t;
+    const int j = r % w; r /= w;
+    const int i = r % h; r /= h;            // r = b * c + ch
+    const double* mb = m + (r / c) * 6;
+    const double u = i - cy, v = j - cx;
+    const double sr = fmin(fmax(mb[0] * u + mb[1] * v + mb[2] + cy, 0.0), h - 1.0);
+    const double sc = fmin(fmax(mb[3] * u + mb[4] * v + mb[5] + cx, 0.0), w - 1.0);
+    const int r0 = (int)floor(sr), c0 = (int)floor(sc);
+    const int r1 = min(r0 + 1, h - 1), c1 = min(c0 + 1, w - 1);
+    const {T} wr = ({T})(sr - r0), wc = ({T})(sc - c0);
+    const {T}* p = x + r * h * w;
+    const {T} top = p[r0 * w + c0] * (({T})1 - wc) + p[r0 * w + c1] * wc;
+    const {T} bottom = p[r1 * w + c0] * (({T})1 - wc) + p[r1 * w + c1] * wc;
+    out[t] = top * (({T})1 - wr) + bottom * wr;
+  }
+}
+""", _affine_warp_numpy)
+
+
+def affine_warp(x, inv_matrices):
+    """Fused :func:`minicnn.data.augment.affine_warp`: one launch for the whole batch."""
+    xp = get_array_module(x)
+    x = xp.ascontiguousarray(x)
+    m = xp.ascontiguousarray(xp.asarray(inv_matrices, dtype=np.float64))
+    n, c, h, w = x.shape
+    out = xp.empty_like(x)
+    _affine_warp(xp, x.dtype, _grid(out.size), (x, m, out, *map(np.int32, (n, c, h, w))))
+    return out

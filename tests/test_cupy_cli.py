@@ -88,3 +88,21 @@ def test_train_resume_init_from_evaluate_tta_and_precise_bn_with_the_cupy_backen
     assert moved  # the running statistics were recalibrated
     for k in before.params:
         np.testing.assert_array_equal(after.params[k], before.params[k])
+
+
+def test_train_script_as_a_program_under_the_stand_in_launcher(fer2013_path, tmp_path):
+    """``python examples/fer2013/train.py --backend cupy`` as users type it, with ``import cupy`` answered by
+    the stand-in (tests/standin/cupy.py); FAKECUPY_REPORT prints the run's ledger."""
+    import os
+    import subprocess
+    import sys
+
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests / "standin"), str(tests)]),
+               FAKECUPY_REPORT="1")
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "train.py"), "--data", fer2013_path, "--backend", "cupy",
+                           "--limit", "64", "--batch-size", "32", "--epochs", "1", "--no-progress", "--no-test",
+                           "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "backend cupy" in proc.stdout and "fakecupy:" in proc.stderr
+    assert (tmp_path / "run" / "best.npz").is_file()

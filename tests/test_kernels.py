@@ -231,3 +231,19 @@ def test_fused_kernels_cut_the_launches_of_a_training_step_to_under_a_third(fake
     assert by_op["ElementwiseKernel minicnn_adam"] == len(minicnn.build_model("hw3_cnn").params)  # one per parameter
     assert "einsum" not in by_op  # CuPy's einsum copies both operands
     assert not fused.syncs and not fused.copies
+
+
+@pytest.mark.gpu
+@FAST
+@given(n=st.integers(1, 4), c=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9),
+       seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from([np.float32, np.float64]))
+def test_affine_warp_kernel_equals_the_generic_code(cupy, n, c, h, w, seed, dtype):
+    from minicnn.data import augment  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    x = cupy.asarray(rng.standard_normal((n, c, h, w)).astype(dtype))
+    m = cupy.asarray(rng.uniform(-1.5, 1.5, (n, 2, 3)))  # any map: rotations, zooms, shears, far shifts
+    out = augment.affine_warp(x, m)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    _close(cupy, out, augment.affine_warp.generic(x, m), rtol=tol, atol=tol)

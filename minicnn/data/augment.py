@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numbers
 
+from .. import kernels
 from ..backend import get_array_module, get_seed
 
 __all__ = ["Augmenter", "affine_warp", "integer_shift"]
@@ -184,6 +185,7 @@ def _inverse_matrices(xp, angles, zooms, shifts, flips, h, w):
     return m
 
 
+@kernels.gpu_fast_path(kernels.affine_warp)  # on CuPy: one kernel (minicnn/kernels.py)
 def affine_warp(x, inv_matrices):
     """Warp each image of ``x (N, C, H, W)`` with its own affine map, bilinear, edge fill.
 
