@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import minicnn
-from minicnn import backend, initializers
+from minicnn import backend, initializers, kernels
 
 
 def test_numpy_is_the_default_and_import_never_needs_cupy():
@@ -49,6 +49,7 @@ def test_cupy_without_its_cuda_libraries_fails_at_set_backend_naming_the_library
         raise RuntimeError("libXXX.so.12: cannot open shared object file")
 
     monkeypatch.setattr(backend, "_probed", set())
+    monkeypatch.setattr(kernels, "_compiled", {})  # no kernel compiled by an earlier test
     if broken == "matmul":
         monkeypatch.setattr(fake_cupy.ndarray, "__matmul__", missing)
     elif broken == "random":
