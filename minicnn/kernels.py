@@ -749,9 +749,12 @@ extern "C" __global__ void {NAME}(const {T}* dout, const int* arg, {T}* dx, cons
 def maxpool2d_forward(layer, x, training=True):
     """Fused :meth:`minicnn.MaxPool2D.forward`: one launch; keeps the winning offsets (int32) for backward."""
     xp = get_array_module(x)
-    layer._offsets(x, -np.inf)  # the layer's shape checks (the padded copy is not used here)
-    x = xp.ascontiguousarray(x)
     (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    if x.ndim != 4:
+        raise layer._bad_input("(N, C, H, W)", x)
+    if x.shape[2] + 2 * ph < kh or x.shape[3] + 2 * pw < kw:
+        layer._offsets(x, -np.inf)  # raises the layer's own error (kernel larger than the padded input)
+    x = xp.ascontiguousarray(x)
     n, c, h, w = x.shape
     oh, ow = layer.output_shape(h, w)
     out = xp.empty((n, c, oh, ow), dtype=x.dtype)
