@@ -478,8 +478,8 @@ class _RandomState:
     def seed(self, seed=None):
         self._rs.seed(seed)
 
-    def _draw(self, name, values):
-        ledger.launch(f"random.{name}")
+    def _draw(self, name, values, launches=1):
+        ledger.launch(f"random.{name}", launches)
         return ndarray(_np.asarray(values))
 
     def rand(self, *size, dtype=float):
@@ -492,7 +492,8 @@ class _RandomState:
         return self._draw("random_sample", _np.asarray(self._rs.random_sample(size)).astype(dtype))
 
     def uniform(self, low=0.0, high=1.0, size=None, dtype=float):
-        return self._draw("uniform", _np.asarray(self._rs.uniform(low, high, size)).astype(dtype))
+        # CuPy draws random_sample, then scales and shifts it: three launches
+        return self._draw("uniform", _np.asarray(self._rs.uniform(low, high, size)).astype(dtype), launches=3)
 
     def normal(self, loc=0.0, scale=1.0, size=None, dtype=float):
         return self._draw("normal", _np.asarray(self._rs.normal(loc, scale, size)).astype(dtype))

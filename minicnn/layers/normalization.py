@@ -58,10 +58,6 @@ class _BatchNorm(Layer):
     def extra_repr(self):
         return f"{self.num_features}, momentum={self.momentum}, eps={self.eps}"
 
-    def _shape(self, v):
-        """Reshape a per-feature vector so it broadcasts against the input."""
-        return v.reshape((1, -1) + (1,) * (len(self.axes) - 1))
-
     def _check(self, x):
         if x.ndim != len(self.axes) + 1 or x.shape[1] != self.num_features:
             raise self._bad_input(self.layout.format(self.num_features), x)
