@@ -232,18 +232,18 @@ class Trainer:
 
     def evaluate(self, x, y, batch_size=512):
         """(mean loss, accuracy) in evaluation mode; x, y on host or device."""
-        xp = backend.get_xp()
+        xp = backend.module_of(self.model)  # the model's device, whatever the active backend
         total_loss, correct, n = xp.zeros((), dtype=np.float64), xp.zeros((), dtype=np.int64), len(y)
         for start in range(0, n, batch_size):
-            xb = backend.to_device(x[start : start + batch_size], dtype=self.model.dtype)
-            yb = backend.to_device(y[start : start + batch_size])
+            xb = backend.to_array_module(x[start : start + batch_size], xp, dtype=self.model.dtype)
+            yb = backend.to_array_module(y[start : start + batch_size], xp)
             logits = self.model.forward(xb, training=False)
             total_loss += self.loss_fn.forward(logits, yb) * len(yb)
             correct += (logits.argmax(axis=1) == yb).sum()
         return float(total_loss) / max(n, 1), float(correct) / max(n, 1)
 
     def _epoch(self, x, y, epoch, epochs):
-        xp = backend.get_xp()
+        xp = backend.module_of(self.model)
         n = len(y)
         order = self._shuffle(xp, n, epoch)
         steps = math.ceil(n / self.batch_size)
@@ -296,12 +296,13 @@ class Trainer:
         if resume:
             self.resume()
             log(f"resumed from {self.out_dir / 'last.npz'} after epoch {self.epoch}")
-        x = backend.to_device(x_train, dtype=self.model.dtype)
-        y = backend.to_device(np.asarray(y_train, dtype=np.int64))
+        xp = backend.module_of(self.model)  # data go to the model's device, once (labels may already be there)
+        x = backend.to_array_module(x_train, xp, dtype=self.model.dtype)
+        y = backend.to_array_module(y_train, xp).astype(np.int64, copy=False)
         has_val = x_val is not None and len(x_val) > 0
         if has_val:
-            x_val = backend.to_device(x_val, dtype=self.model.dtype)
-            y_val = backend.to_device(np.asarray(y_val, dtype=np.int64))
+            x_val = backend.to_array_module(x_val, xp, dtype=self.model.dtype)
+            y_val = backend.to_array_module(y_val, xp).astype(np.int64, copy=False)
         # The best validation accuracy so far and the first epoch that reached it.
         scored = [h for h in self.history if h.get("val_acc") is not None]
         best = max((h["val_acc"] for h in scored), default=-1.0)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import get_array_module, to_device, to_host
+from .backend import get_array_module, module_of, to_array_module, to_host
 from .layers.activations import LeakyReLU, ReLU
 from .layers.base import Container
 from .layers.conv import Conv2D
@@ -57,7 +57,8 @@ def _figure(width: float, height: float):
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
         from matplotlib.figure import Figure  # noqa: PLC0415
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("minicnn.visualize needs matplotlib: pip install 'minicnn[plot]'") from exc
+        raise ImportError("minicnn.visualize needs matplotlib: pip install matplotlib (or, from the minicnn "
+                          "checkout, pip install -e '.[plot]')") from exc
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
     return fig
@@ -259,7 +260,7 @@ def saliency_maps(model, x, classes=None, batch_size: int = 64) -> np.ndarray:
             raise ValueError(f"saliency_maps: got {classes.size} classes for {n} images")
     out = []
     for start in range(0, n, batch_size):
-        xb = to_device(x[start : start + batch_size], dtype=model.dtype)
+        xb = to_array_module(x[start : start + batch_size], module_of(model), dtype=model.dtype)
         scores = model.forward(xb, training=False)
         xp = get_array_module(scores)
         if classes is None:
@@ -437,7 +438,7 @@ def top_activations(model, x, layer_index=None, top_k: int = 6, keep_maps: int =
     scores, maps = [], []
     kept = 0
     for start in range(0, len(x), batch_size):
-        h = to_device(x[start : start + batch_size], dtype=model.dtype)
+        h = to_array_module(x[start : start + batch_size], module_of(model), dtype=model.dtype)
         for layer in model.layers[: layer_index + 1]:
             h = layer.forward(h, training=False)
         if h.ndim != 4:

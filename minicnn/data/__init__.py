@@ -10,7 +10,7 @@
     ...     xb = aug(xb)
 
 Loading needs the optional ``data`` extras (pandas for CSV, Pillow for images):
-``pip install 'minicnn[data]'``.
+``pip install -e '.[data]'`` from the minicnn checkout.
 """
 from .augment import Augmenter
 from .batches import iterate_minibatches

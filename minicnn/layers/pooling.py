@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import kernels
 from ..backend import get_array_module
 from .base import Layer
 from .conv import _pad, conv_output_size, pair
@@ -99,6 +100,7 @@ class MaxPool2D(_Pool2D):
     :func:`minicnn.reference.maxpool2d_backward` (one window at a time).
     """
 
+    @kernels.gpu_fast_path(kernels.maxpool2d_forward)  # on CuPy: one kernel (minicnn/kernels.py)
     def forward(self, x, training=True):
         """x (N, C, H, W) -> out (N, C, OH, OW), the max of every window; keeps the arg-max offsets."""
         xpad = self._offsets(x, -np.inf)
@@ -106,6 +108,7 @@ class MaxPool2D(_Pool2D):
             return self._forward_separable(x)
         return self._forward_general(x, xpad)
 
+    @kernels.gpu_fast_path(kernels.maxpool2d_backward)
     def backward(self, dout):
         """dout (N, C, OH, OW) -> dx (N, C, H, W): each window's dout goes to its arg-max, zero elsewhere."""
         if self.cache[0] == "separable":
