@@ -51,7 +51,7 @@ import numpy as np
 from . import backend
 from .backend import get_array_module, to_host
 from .checkpoint import CheckpointError
-from .layers.normalization import BatchNorm1D, BatchNorm2D, _BatchNorm
+from .layers.normalization import BatchNorm1D, BatchNorm2D, _BatchNorm, _per_feature
 from .optim import clip_grad_norm
 from .training import Trainer
 
@@ -294,6 +294,7 @@ class _SyncBatchNorm(_BatchNorm):
     comm: Communicator = None
 
     def forward(self, x, training=True):
+        """Training: normalise with the global batch's statistics (see the class docstring); evaluation: BatchNorm."""
         if not training or self.comm is None or self.comm.size == 1:
             return super().forward(x, training)
         self._check(x)
@@ -303,10 +304,10 @@ class _SyncBatchNorm(_BatchNorm):
         if m < 2:
             raise ValueError(f"{self!r}: training needs more than one value per feature over all ranks, got {m}")
         sums = self.comm.allreduce_sum_(x.sum(axis=self.axes).astype(np.float64))
-        mu = self._shape((sums / m).astype(x.dtype))
+        mu = _per_feature((sums / m).astype(x.dtype), x)
         xhat = x - mu
         sq = self.comm.allreduce_sum_((xhat * xhat).sum(axis=self.axes).astype(np.float64))
-        var = self._shape((sq / m).astype(x.dtype))
+        var = _per_feature((sq / m).astype(x.dtype), x)
         inv_std = (1.0 / xp.sqrt(var + self.eps)).astype(x.dtype, copy=False)
         xhat *= inv_std
         mom = self.momentum
@@ -317,8 +318,8 @@ class _SyncBatchNorm(_BatchNorm):
         rv += (mom * m / (m - 1)) * var.reshape(-1)
         self.cache = (True, xhat, inv_std)
         self._global_count = m
-        out = xhat * self._shape(self.params["gamma"])
-        out += self._shape(self.params["beta"])
+        out = xhat * _per_feature(self.params["gamma"], x)
+        out += _per_feature(self.params["beta"], x)
         return out
 
     def backward(self, dout):
@@ -334,11 +335,11 @@ class _SyncBatchNorm(_BatchNorm):
         self.grads["gamma"], self.grads["beta"] = dgamma, dbeta
         both = self.comm.allreduce_sum_(xp.concatenate([dbeta, dgamma]).astype(np.float64))
         m = self._global_count
-        dbeta_all = self._shape((both[:c] / m).astype(dout.dtype))
-        dgamma_all = self._shape((both[c:] / m).astype(dout.dtype))
+        dbeta_all = _per_feature((both[:c] / m).astype(dout.dtype), dout)
+        dgamma_all = _per_feature((both[c:] / m).astype(dout.dtype), dout)
         dx = dout - dbeta_all
         dx -= xhat * dgamma_all
-        dx *= self._shape(self.params["gamma"]) * inv_std
+        dx *= _per_feature(self.params["gamma"], dout) * inv_std
         self.cache = None
         return dx
 
