@@ -216,3 +216,64 @@ def test_train_py_under_mpiexec_on_real_fer2013(fer2013_path, tmp_path):
     assert metrics["num_examples"] == 3589
     meta = minicnn.checkpoint.load_npz(out / "last.npz")[1]
     assert meta["distributed"] == {"ranks": 2, "sync_batchnorm": True}
+
+
+# -- the device path, on the strict CuPy stand-in ----------------------------------------------------
+class LoopbackMPI:
+    """MPI for ``size`` ranks that all hold the same values: an allreduce sum multiplies by size."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def Allreduce(self, in_place, buf):  # noqa: N802  (mpi4py's names)
+        buf *= self.size
+
+    def Bcast(self, buf, root=0):  # noqa: N802
+        pass
+
+    def Barrier(self):  # noqa: N802
+        pass
+
+
+def loopback(size, transport="host"):
+    pytest.importorskip("mpi4py")
+    comm = Communicator(None, transport)
+    comm.mpi, comm.size = LoopbackMPI(size), size
+    return comm
+
+
+def test_device_buffers_go_through_the_host_once_per_allreduce(fake_cupy):
+    comm = loopback(2)
+    buf = fake_cupy.asarray(np.arange(6.0, dtype=np.float32))
+    with fake_cupy.counting() as ledger:
+        comm.allreduce_sum_(buf)
+    np.testing.assert_array_equal(fake_cupy.asnumpy(buf), 2 * np.arange(6.0))
+    assert [c[0] for c in ledger.copies] == ["D2H", "H2D"], ledger.copies
+
+
+def _device_epoch_copies(fake_cupy, n, sync_bn):
+    minicnn.set_backend("cupy")
+    minicnn.seed(0)
+    model = build(True, 0.2)
+    x, y = data(n)
+    x, y = fake_cupy.asarray(x.astype(np.float32)), fake_cupy.asarray(y)
+    trainer = DistributedTrainer(model, SGD(model, lr=0.05), batch_size=16, progress=False, log_every=1000,
+                                 comm=loopback(2), sync_batchnorm=sync_bn)
+    with fake_cupy.counting() as ledger:
+        trainer.fit(x, y, epochs=1, log=lambda *a: None)
+    grad_bytes = sum(int(p.size) * 4 for p in model.params.values())
+    return ledger, grad_bytes
+
+
+@pytest.mark.parametrize("sync_bn", [False, True], ids=["per-rank-bn", "sync-bn"])
+def test_data_parallel_training_on_the_device_copies_one_gradient_buffer_per_step(fake_cupy, sync_bn):
+    """On CuPy with the host transport: no implicit conversion anywhere (the stand-in would raise), and
+    per step exactly the flat gradient buffer's round trip, plus with synchronised BatchNorm its small
+    sums (2 BatchNorms x 2 forward allreduces + 1 backward, each D2H + H2D). 4 more steps cost:"""
+    short, grad_bytes = _device_epoch_copies(fake_cupy, 64, sync_bn)
+    long, _ = _device_epoch_copies(fake_cupy, 128, sync_bn)
+    flat = lambda ledger: [c for c in ledger.copies if c[1] == grad_bytes]  # noqa: E731
+    assert len(flat(long)) - len(flat(short)) == 2 * 4, long.summary()
+    others = (len(long.copies) - len(flat(long))) - (len(short.copies) - len(flat(short)))
+    assert others == (2 * 3 * 2 * 4 if sync_bn else 0), long.summary()
+    assert len(long.syncs) - len(short.syncs) == (2 * 4 + others) // 2  # each device-to-host copy is a sync
