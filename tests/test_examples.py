@@ -411,7 +411,7 @@ def fine_tune_argv(data, init, out, *extra):
             "--no-progress", "--no-test", *extra]
 
 
-def test_init_from_starts_a_new_run_from_the_checkpoint_weights(fer_run, tmp_path, capsys, cache_env):
+def test_init_from_starts_a_new_run_from_the_checkpoint_weights(fer_run, tmp_path, capsys, cache_env, monkeypatch):
     data, run = fer_run
     out = tmp_path / "phase2"
     # A copy of the checkpoint with other normalisation statistics than this run's data would give: the new
@@ -419,9 +419,13 @@ def test_init_from_starts_a_new_run_from_the_checkpoint_weights(fer_run, tmp_pat
     arrays, meta = load_npz(run / "best.npz")
     arrays = {k: (v * 1.5 + 1 if k.startswith("data/norm/") and v.dtype.kind == "f" else v) for k, v in arrays.items()}
     save_npz(tmp_path / "init.npz", arrays, meta)
-    # --epochs 0: nothing is trained, so last.npz holds exactly the state the new run starts from.
-    rc = train_script.main(fine_tune_argv(data, tmp_path / "init.npz", out, "--epochs", "0", "--lr", "1e-4"))
-    assert rc == 0
+    # Interrupted in its first epoch: nothing is trained, so last.npz holds exactly the state the new run starts from.
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as mp:
+        mp.setattr(minicnn.training.Trainer, "_epoch", interrupt)
+        rc = train_script.main(fine_tune_argv(data, tmp_path / "init.npz", out, "--epochs", "1", "--lr", "1e-4"))
+    assert rc == 130
     capsys.readouterr()
     start, start_arrays, start_meta = minicnn.training.load_checkpoint(out / "last.npz")
     init, init_arrays, init_meta = minicnn.training.load_checkpoint(tmp_path / "init.npz")
@@ -437,8 +441,8 @@ def test_init_from_starts_a_new_run_from_the_checkpoint_weights(fer_run, tmp_pat
     assert start_meta["init"]["epoch"] == init_meta["epoch"] == 1
     assert [h["epoch"] for h in start_meta["init"]["epochs_before"]] == [1]
 
-    # One epoch of the second phase trains and counts from 1 again.
-    rc = train_script.main(fine_tune_argv(data, run / "best.npz", out, "--epochs", "1"))
+    # One epoch of the second phase trains and counts from 1 again (--overwrite: out holds the interrupted run).
+    rc = train_script.main(fine_tune_argv(data, run / "best.npz", out, "--epochs", "1", "--overwrite"))
     assert rc == 0
     after, _, after_meta = minicnn.training.load_checkpoint(out / "last.npz")
     assert after_meta["epoch"] == 1 and [h["epoch"] for h in after_meta["history"]] == [1]
@@ -503,21 +507,26 @@ def test_full_history_numbers_the_epochs_of_chained_phases():
     (["--seed", "1"], "--seed 0 there, 1 here"),
     (["--val-fraction", "0.2"], "--val-fraction"),
     (["--classes", "6"], "classes"),
-    (["--resume"], "give one of them"),
 ])
-def test_init_from_refuses_what_does_not_fit(fer_run, tmp_path, cache_env, extra, message):
+def test_init_from_refuses_what_does_not_fit(fer_run, tmp_path, cache_env, capsys, extra, message):
     data, run = fer_run
-    with pytest.raises(SystemExit) as exc:
-        train_script.main(fine_tune_argv(data, run / "best.npz", tmp_path / "out", "--epochs", "1", *extra))
-    assert message in str(exc.value) and "--init-from" in str(exc.value)
+    rc, _, err = run_main(train_script, fine_tune_argv(data, run / "best.npz", tmp_path / "out", "--epochs", "1",
+                                                       *extra), capsys)
+    assert rc == 2 and err.startswith("error: --init-from") and message in err
     assert not (tmp_path / "out" / "last.npz").exists()
 
 
-def test_init_from_a_missing_or_foreign_file_names_it(fer_run, tmp_path, cache_env):
+def test_init_from_and_resume_together_is_a_flag_error(fer_run, tmp_path, capsys):
+    data, run = fer_run
+    with pytest.raises(SystemExit) as exc:
+        train_script.main(fine_tune_argv(data, run / "best.npz", tmp_path / "out", "--resume"))
+    assert exc.value.code == 2 and "give one of them" in capsys.readouterr().err
+
+
+def test_init_from_a_missing_or_foreign_file_names_it(fer_run, tmp_path, cache_env, capsys):
     data, _ = fer_run
     for path in (tmp_path / "nope.npz", tmp_path / "plain.npz"):
         if path.name == "plain.npz":
             np.savez(path, x=np.zeros(3))
-        with pytest.raises(SystemExit) as exc:
-            train_script.main(fine_tune_argv(data, path, tmp_path / "out", "--epochs", "1"))
-        assert str(path) in str(exc.value)
+        rc, _, err = run_main(train_script, fine_tune_argv(data, path, tmp_path / "out", "--epochs", "1"), capsys)
+        assert rc == 2 and str(path) in err and err.startswith("error:")

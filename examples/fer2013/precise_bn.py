@@ -73,8 +73,9 @@ def main(argv=None) -> int:
         targs = training_args(meta, class_names)
         data_path = resolve_data_path(args.data)
         log(f"loading the train and validation splits of {data_path} as {args.checkpoint} was trained on")
-        train_ds = load_split(data_path, "train", targs, class_names)
-        val_ds = load_split(data_path, "val", targs, class_names)
+        record = meta.get("data_fingerprint")
+        train_ds = load_split(data_path, "train", targs, class_names, fingerprint=record, checkpoint=args.checkpoint)
+        val_ds = load_split(data_path, "val", targs, class_names, fingerprint=record, checkpoint=args.checkpoint)
     except (minicnn.CheckpointError, DataError, BackendUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
