@@ -131,6 +131,10 @@ def _describe_start(head: bytes) -> str:
         return "it is empty"
     if head.startswith(_NPY_MAGIC):
         return "it is a single .npy array, not an .npz archive of named arrays"
+    if head.startswith(b"\x89PNG"):
+        return "it is a PNG image, not a checkpoint"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "it is a JPEG image, not a checkpoint"
     if head[:1] == b"\x80":
         return "it looks like a Python pickle, which minicnn never loads"
     try:

@@ -210,8 +210,10 @@ def given_options(argv=None) -> dict:
     return vars(p.parse_args(argv))
 
 
-# Options a resumed run may change: where things are, how it reports, and how long it trains.
-RESUME_MAY_CHANGE = {"out", "data", "resume", "overwrite", "epochs", "backend", "log_every", "no_progress", "no_test"}
+# Options a resumed run may change: where things are, how long it trains, where it computes (the run's own
+# value when not given) and how this invocation reports (this invocation's value, given or default).
+RESUME_MAY_CHANGE = {"out", "data", "resume", "overwrite", "epochs", "backend"}
+PER_INVOCATION = {"log_every", "no_progress", "no_test"}
 
 
 def resumed_args(args, argv, out: Path):
@@ -230,7 +232,7 @@ def resumed_args(args, argv, out: Path):
     given = given_options(argv)
     conflicts = []
     for key, value in given.items():
-        if key in RESUME_MAY_CHANGE:
+        if key in RESUME_MAY_CHANGE | PER_INVOCATION:
             continue
         old = saved.get(key, build_parser().get_default(key))
         if _canonical(old) != _canonical(value):
@@ -241,6 +243,7 @@ def resumed_args(args, argv, out: Path):
                        "(another --out, or --init-from for a new phase)")
     merged = {**vars(parse_args([])), **{k: v for k, v in saved.items() if k in vars(args)}}
     merged.update({k: v for k, v in given.items() if k in RESUME_MAY_CHANGE})
+    merged.update({k: getattr(args, k) for k in PER_INVOCATION})
     merged.update(resume=True, out=args.out, overwrite=False)
     if "data" not in given:
         merged["data"] = saved.get("data") or args.data
@@ -289,7 +292,7 @@ def load_initial_weights(path, args, class_names, train_ds, val_ds, data_path):
     try:
         model, norm, saved_classes, meta = open_checkpoint(path)
     except (OSError, minicnn.CheckpointError) as exc:
-        raise RunError(f"--init-from {path}: {exc}") from None
+        raise RunError(f"--init-from: {exc}") from None
     saved_model = (meta.get("model") or {}).get("name")
     if saved_model != args.model:
         raise RunError(f"--init-from {path} holds a {saved_model!r} network, this run trains {args.model!r} (--model)")
@@ -351,7 +354,7 @@ def run(argv=None):
         try:  # read first: the split method of the weights' run decides this run's split
             init_meta = open_checkpoint(args.init_from)[3]
         except (OSError, minicnn.CheckpointError) as exc:
-            raise RunError(f"--init-from {args.init_from}: {exc}") from None
+            raise RunError(f"--init-from: {exc}") from None
     # New runs split by content; a run continued from older weights keeps their (legacy) split.
     method = split_method_of(resumed_meta or init_meta) if (resumed_meta or init_meta) else "content"
 

@@ -137,11 +137,7 @@ class FERDataset:
         sel = np.asarray(mask_or_indices)
         if sel.dtype == bool and sel.shape != (len(self),):
             raise ValueError(f"boolean mask has shape {sel.shape}, expected ({len(self)},)")
-        out = FERDataset(self.images[sel], self.labels[sel], self.usage[sel], self.class_names)
-        cached = self.__dict__.get("_digest_cache")
-        if cached is not None:  # the rows' content digests carry over (labels unchanged)
-            out._digest_cache = cached[sel]
-        return out
+        return FERDataset(self.images[sel], self.labels[sel], self.usage[sel], self.class_names)
 
     def split(self, usage: str) -> "FERDataset":
         """The rows whose ``Usage`` is ``usage`` (``"Training"``, ``"PublicTest"`` or ``"PrivateTest"``)."""
@@ -188,19 +184,14 @@ class FERDataset:
 def _digests(ds: FERDataset) -> np.ndarray:
     """(N, 16) uint8: BLAKE2b of each image's label and pixel bytes (48x48 uint8, row-major).
 
-    Computed once per dataset and kept (datasets are never modified in place; every
-    function returns a new one), and carried over by :meth:`FERDataset.subset`.
+    Not cached: ``images`` is a plain array a user may change in place. About 10 us per image.
     """
-    cached = ds.__dict__.get("_digest_cache")
-    if cached is not None and len(cached) == len(ds):
-        return cached
     out = np.empty((len(ds), 16), dtype=np.uint8)
     images = np.ascontiguousarray(ds.images)
     for i in range(len(ds)):
         h = hashlib.blake2b(int(ds.labels[i]).to_bytes(2, "little"), digest_size=16)
         h.update(images[i].data)
         out[i] = np.frombuffer(h.digest(), dtype=np.uint8)
-    ds._digest_cache = out
     return out
 
 

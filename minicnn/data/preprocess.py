@@ -37,10 +37,9 @@ def _check_method(method):
         raise ValueError(f"unknown method {method!r}: expected one of {SPLIT_METHODS}")
 
 
-def _content_first(ds: FERDataset, idx: np.ndarray, n: int, salt: str) -> np.ndarray:
-    """The ``n`` of rows ``idx`` whose seeded content keys are smallest."""
-    keys = ds.content_keys(salt)[idx]
-    return idx[np.argsort(keys, kind="stable")[:n]]
+def _content_first(keys: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` of rows ``idx`` whose content ``keys`` (one per row of the dataset) are smallest."""
+    return idx[np.argsort(keys[idx], kind="stable")[:n]]
 
 
 def merge_disgust_into_angry(ds: FERDataset) -> FERDataset:
@@ -100,7 +99,7 @@ def undersample(ds: FERDataset, class_name: str, n_or_fraction, seed: int = 0, m
         raise TypeError(f"n_or_fraction must be an int or a float, got {type(n_or_fraction).__name__}")
     _check_method(method)
     if method == "content":
-        dropped = _content_first(ds, idx, count - keep, f"undersample/{seed}/{class_name}")
+        dropped = _content_first(ds.content_keys(f"undersample/{seed}/{class_name}"), idx, count - keep)
     else:
         rng = np.random.RandomState(seed)
         dropped = rng.choice(idx, size=count - keep, replace=False)
@@ -127,12 +126,13 @@ def stratified_split(ds: FERDataset, val_fraction: float, seed: int = 0,
         raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
     _check_method(method)
     rng = np.random.RandomState(seed)
+    keys = ds.content_keys(f"split/{seed}") if method == "content" else None
     val_mask = np.zeros(len(ds), dtype=bool)
     for c in range(ds.num_classes):  # fixed class order: the stream of draws is reproducible
         idx = np.flatnonzero(ds.labels == c)
         n_val = int(round(val_fraction * idx.size))
         if method == "content":
-            val_mask[_content_first(ds, idx, n_val, f"split/{seed}")] = True
+            val_mask[_content_first(keys, idx, n_val)] = True
         else:
             val_mask[rng.permutation(idx)[:n_val]] = True
     return ds.subset(~val_mask), ds.subset(val_mask)
@@ -145,7 +145,7 @@ def content_sample(ds: FERDataset, n: int, seed: int = 0, salt: str = "sample") 
     """
     if int(n) < 0:
         raise ValueError(f"content_sample: n must be >= 0, got {n}")
-    chosen = _content_first(ds, np.arange(len(ds)), int(n), f"{salt}/{seed}")
+    chosen = _content_first(ds.content_keys(f"{salt}/{seed}"), np.arange(len(ds)), int(n))
     return ds.subset(np.sort(chosen))
 
 
