@@ -135,6 +135,10 @@ def load_checkpoint(path, model=None, optimizer=None, schedule=None):
     model = built["model"]
     model_arrays = {k: v for k, v in arrays.items() if k.startswith(("param/", "buffer/"))}
     optim_arrays = {k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")}
+    bad = non_finite_arrays({k: v for k, v in arrays.items() if k.startswith(("param/", "buffer/", "optim/"))})
+    if bad:  # save_checkpoint never writes these: the file was damaged or crafted
+        raise CheckpointError(f"{path}: {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} hold NaN or infinite "
+                              "values; predictions from it would be meaningless")
     if optimizer is not None and not optim_arrays:
         raise CheckpointError(f"{path}: holds no optimiser state, so training cannot resume from it")
     backup = {k: v.copy() for k, v in model.state_arrays().items()}

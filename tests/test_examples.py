@@ -743,3 +743,12 @@ def test_predict_reads_16_bit_images(fer_run, tmp_path, capsys):
     assert rc == 0, err
     p8, p16 = (p["probabilities"] for p in json.loads(out)["predictions"])
     assert p8 == pytest.approx(p16)
+
+
+def test_evaluate_refuses_a_checkpoint_with_non_finite_normalisation(fer_run, tmp_path, capsys):
+    data, run = fer_run
+    arrays, meta = load_npz(run / "best.npz")
+    arrays["data/norm/scale"] = np.array(np.nan)
+    bad = save_npz(tmp_path / "nan_norm.npz", arrays, meta)
+    rc, out, err = run_main(evaluate_script, ["--checkpoint", str(bad), "--data", str(data)], capsys)
+    assert rc == 2 and out == "" and "normalisation statistics (data/norm/) are not finite" in err

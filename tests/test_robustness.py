@@ -344,3 +344,12 @@ def test_arrays_of_the_wrong_shape_are_refused_before_they_are_read(tmp_path, mo
     with pytest.raises(CheckpointError, match=r"'param/6.W' has shape \(2, 2\), expected \(144, 3\)"):
         load_checkpoint(path, tiny_model())
     assert len(read) == 1  # only the small __meta__ entry
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_on_load(tmp_path):
+    model = tiny_model()
+    arrays = dict(model.state_arrays())
+    arrays["buffer/1.running_var"] = np.full(4, np.inf, dtype=np.float32)
+    path = save_npz(tmp_path / "c.npz", arrays, {"format": "minicnn.model/1", "name": "tiny", "config": {}})
+    with pytest.raises(CheckpointError, match=r"buffer/1\.running_var hold NaN or infinite values"):
+        load_checkpoint(path, tiny_model())

@@ -141,8 +141,11 @@ def open_checkpoint(path):
     model, arrays, meta = load_checkpoint(path)
     try:
         norm = Normalizer.from_arrays(arrays, prefix="data/norm/")
-    except KeyError as exc:
-        raise minicnn.CheckpointError(f"{path}: has no normalisation statistics ({exc}); was it written by train.py?") from None
+    except (KeyError, ValueError) as exc:
+        raise minicnn.CheckpointError(f"{path}: has no usable normalisation statistics ({exc}); "
+                                      "was it written by train.py?") from None
+    if not (np.isfinite(norm.mean).all() and np.isfinite(norm.scale).all() and float(norm.scale) > 0):
+        raise minicnn.CheckpointError(f"{path}: its normalisation statistics (data/norm/) are not finite and positive")
     class_names = meta.get("class_names")
     if not class_names:
         raise minicnn.CheckpointError(f"{path}: has no class names; was it written by train.py?")

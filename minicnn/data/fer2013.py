@@ -529,10 +529,27 @@ def _read_cache(file: Path) -> FERDataset | None:
         return None
 
 
+# A temporary cache file older than this was left by a killed process (a write takes seconds).
+_STALE_TMP_SECONDS = 3600
+
+
+def _remove_stale_tmp(folder: Path) -> None:
+    """Remove temporary cache files that killed loads left behind (never a recent one: it may be in use)."""
+    import time  # noqa: PLC0415
+
+    for tmp in folder.glob("fer2013-*.tmp"):
+        try:
+            if time.time() - tmp.stat().st_mtime > _STALE_TMP_SECONDS:
+                tmp.unlink()
+        except OSError:
+            pass
+
+
 def _write_cache(file: Path, ds: FERDataset) -> None:
     tmp = None
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_tmp(file.parent)
         # Write to a temp file in the same folder then rename: readers never see
         # a half-written cache, even if two loads race.
         fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.stem + ".", suffix=".tmp")
