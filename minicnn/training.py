@@ -391,6 +391,14 @@ class Trainer:
             y_val = self._check_labels("y_val", x_val, y_val)
         elif y_val is not None and len(y_val) > 0:
             raise ValueError(f"Trainer.fit: y_val has {len(y_val)} labels but x_val holds no inputs")
+        if len(y_train):
+            # Labels beyond the network's outputs: checked once here, as the loss cannot on a device without a
+            # host sync per step (one evaluation-mode forward of one input tells the number of classes).
+            k = self.model.forward(backend.to_device(x_train[:1], dtype=self.model.dtype), training=False).shape[-1]
+            for name, labels in (("y_train", y_train), ("y_val", y_val if has_val else None)):
+                if labels is not None and len(labels) and labels.max() >= k:
+                    raise ValueError(f"Trainer.fit: {name} holds label {int(labels.max())} but the network has "
+                                     f"{k} outputs (classes 0..{k - 1})")
         if self.out_dir is not None:
             removed = clean_orphaned_tmp(self.out_dir, RUN_FILES)
             if removed:

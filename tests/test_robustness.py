@@ -52,6 +52,8 @@ def test_trainer_fit_refuses_mismatched_lengths_and_float_labels(tmp_path):
         trainer.fit(x, y, x[:8], y[:7], epochs=1, log=lambda *_: None)
     with pytest.raises(ValueError, match="holds label -1"):
         trainer.fit(x, np.where(y == 0, -1, y), epochs=1, log=lambda *_: None)
+    with pytest.raises(ValueError, match="y_val holds label 3 but the network has 3 outputs"):
+        trainer.fit(x, y, x[:8], np.full(8, 3), epochs=1, log=lambda *_: None)
     assert trainer.epoch == 0
 
 
