@@ -22,6 +22,14 @@ validation accuracy improves. Each holds the weights, the optimiser state, the
 schedule state, the history and whatever ``extra_meta`` / ``extra_arrays`` the
 caller adds (the FER-2013 example stores class names and normalisation
 statistics there), so evaluation needs nothing but the file.
+
+Faults: Ctrl-C and SIGTERM stop training cleanly (``interrupted``), and the
+message names the epoch ``last.npz`` really holds; temporary files a kill -9
+left in ``out_dir`` are removed when ``fit`` starts; a NaN or infinite
+training or validation loss, weight or BatchNorm statistic raises
+:class:`TrainingDiverged` before anything is saved (no checkpoint with
+non-finite arrays is ever written, nor loaded); labels are checked once (integer,
+one per input, within the network's outputs) before training starts.
 """
 from __future__ import annotations
 

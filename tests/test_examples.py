@@ -553,6 +553,9 @@ def test_train_refuses_a_non_empty_run_folder_unless_overwrite(fer_run, tmp_path
     for name, content in before.items():
         (copy / name).write_bytes(content)
     (copy / "best.npz").write_bytes(b"a stale best epoch of the previous run")
+    # A run refused for another reason (here its data) leaves the previous run as it was.
+    rc, _, err = run_main(train_script, train_argv(tmp_path / "nowhere", copy, "--overwrite"), capsys)
+    assert rc == 2 and sorted(p.name for p in copy.iterdir()) == sorted(before)
     rc, _, err = run_main(train_script, train_argv(data, copy, "--overwrite", "--seed", "3"), capsys)
     assert rc == 0, err
     assert minicnn.training.load_checkpoint(copy / "best.npz")[2]["args"]["seed"] == 3  # the new run's

@@ -264,22 +264,30 @@ def _show(value):
     return str(value)
 
 
-def prepare_out(out: Path, args):
-    """A new run's folder: refuse a non-empty one unless --overwrite, which removes the old run's files."""
-    clean_orphaned_tmp(out, RUN_FILES + ("test_metrics.json",))
+OUT_FILES = RUN_FILES + ("test_metrics.json",)  # what a run writes in --out
+
+
+def check_out(out: Path, args):
+    """A new run's folder: refuse a non-empty one unless --overwrite (nothing is removed yet)."""
+    clean_orphaned_tmp(out, OUT_FILES)
     if not out.exists():
         return
     if not out.is_dir():
         raise RunError(f"--out {out}: exists and is not a folder")
     entries = sorted(p.name for p in out.iterdir())
-    if not entries:
-        return
-    if not args.overwrite:
+    if entries and not args.overwrite:
         shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
         raise RunError(f"--out {out}: the folder is not empty ({shown}); a new run would overwrite it. "
                        "Pass --resume to continue the run there, --overwrite to replace it, or another --out")
-    for name in RUN_FILES + ("test_metrics.json",):
-        (out / name).unlink(missing_ok=True)
+
+
+def clear_out(out: Path):
+    """--overwrite: remove the previous run's files, once everything else has been checked."""
+    removed = [name for name in OUT_FILES if (out / name).exists()]
+    for name in removed:
+        (out / name).unlink()
+    if removed:
+        print(f"--overwrite: removed the previous run's {', '.join(removed)} from {out}")
 
 
 # The options that decide which images land in the validation split: a second phase must keep them, or its
@@ -344,7 +352,7 @@ def run(argv=None):
     if args.resume:
         args, resumed_meta = resumed_args(args, argv, out)
     else:
-        prepare_out(out, args)
+        check_out(out, args)
     minicnn.set_backend(args.backend)
     minicnn.backend.use_heap_allocator()  # fewer page faults per step on the CPU (see its docstring)
     minicnn.seed(args.seed)
@@ -440,6 +448,8 @@ def run(argv=None):
                     **({"init": provenance} if provenance else {})},
         extra_arrays=norm.to_arrays(prefix="data/norm/"),
     )
+    if args.overwrite:
+        clear_out(out)  # only now: a run refused for its data or arguments leaves the previous one intact
     trainer.fit(x_train, train_ds.labels, x_val, val_ds.labels, epochs=args.epochs, resume=args.resume)
     if trainer.interrupted:
         return 130
