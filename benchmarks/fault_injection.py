@@ -451,6 +451,13 @@ def same_state(a, b):
         arr_a[k].dtype == arr_b[k].dtype and np.array_equal(arr_a[k], arr_b[k]) for k in arr_a)
 
 
+def _epoch_on_disk(out_dir):
+    try:
+        return load_npz(out_dir / "last.npz")[1]["epoch"]
+    except Exception:  # no file yet (a half-written one would be a failure: it is reported by the recovery)
+        return None
+
+
 def kill_trial(i, argv, window, signame, env, work, reference, rng):
     """Kill a run at random moments (up to two kills), finish it with --resume; compare with the reference."""
     out_dir = work / "kills" / f"k{i}"
@@ -469,7 +476,9 @@ def kill_trial(i, argv, window, signame, env, work, reference, rng):
             proc.send_signal(sig)
             finished = False
         out, err = proc.communicate()
-        entry = {"after_s": round(delay, 2), "resumed": resume, "finished_first": finished, "rc": proc.returncode}
+        entry = {"after_s": round(delay, 2), "resumed": resume, "finished_first": finished, "rc": proc.returncode,
+                 # the epoch the run folder holds after the kill (None: killed before the first checkpoint)
+                 "epoch_on_disk": _epoch_on_disk(out_dir)}
         if not finished and signame == "SIGTERM":
             held = re.search(r"holds the state after epoch (\d+)", out + err)
             real = load_npz(out_dir / "last.npz")[1]["epoch"] if (out_dir / "last.npz").is_file() else None
@@ -560,6 +569,8 @@ def main(argv=None):
         "killed_runs": len(trials), "kills_sent": kills_sent,
         "sigkill_sent": sum(1 for tr in trials for k in tr["kills"] if tr["signal"] == "SIGKILL" and not k["finished_first"]),
         "sigterm_sent": len(sigterms), "sigterm_clean_stops": sum(1 for k in sigterms if k.get("clean_stop")),
+        "kills_after_first_checkpoint": sum(1 for tr in trials for k in tr["kills"]
+                                            if not k["finished_first"] and k["epoch_on_disk"] is not None),
         "runs_recovered": sum(tr["recovered"] for tr in trials),
         "bit_identical_resumes": sum(tr["bit_identical"] for tr in trials),
         "runs_with_tmp_files_left": sum(1 for tr in trials if tr["tmp_left"]),
@@ -575,7 +586,8 @@ def main(argv=None):
     print()
     print("| kills | count |")
     print("|---|---:|")
-    for key in ("killed_runs", "kills_sent", "sigkill_sent", "sigterm_sent", "sigterm_clean_stops", "runs_recovered",
+    for key in ("killed_runs", "kills_sent", "sigkill_sent", "sigterm_sent", "sigterm_clean_stops",
+                "kills_after_first_checkpoint", "runs_recovered",
                 "bit_identical_resumes", "runs_with_tmp_files_left"):
         print(f"| {key.replace('_', ' ')} | {summary[key]} |")
     problems = [c for c in cases if c.outcome not in ("clear error", "correct")]

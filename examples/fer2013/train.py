@@ -357,10 +357,13 @@ def run(argv=None):
     minicnn.backend.use_heap_allocator()  # fewer page faults per step on the CPU (see its docstring)
     minicnn.seed(args.seed)
 
+    # A resumed --init-from run keeps its arguments (init_from among them) but starts from its own last.npz:
+    # the provenance and normalisation come from there, so the initial file may be gone.
+    init_from = None if args.resume else args.init_from
     init_meta = None
-    if args.init_from:
+    if init_from:
         try:  # read first: the split method of the weights' run decides this run's split
-            init_meta = open_checkpoint(args.init_from)[3]
+            init_meta = open_checkpoint(init_from)[3]
         except (OSError, minicnn.CheckpointError) as exc:
             raise RunError(f"--init-from: {exc}") from None
     # New runs split by content; a run continued from older weights keeps their (legacy) split.
@@ -394,8 +397,7 @@ def run(argv=None):
             except DataError as exc:
                 raise RunError(f"--resume: {exc}") from None
     class_names = list(train_ds.class_names)
-    init = load_initial_weights(args.init_from, args, class_names, train_ds, val_ds, data_path) if args.init_from \
-        else None
+    init = load_initial_weights(init_from, args, class_names, train_ds, val_ds, data_path) if init_from else None
     if init is not None:
         norm = init["norm"]  # the initial weights were learnt on inputs normalised this way
     elif resumed_meta is not None:
@@ -411,8 +413,8 @@ def run(argv=None):
         raise RunError(f"--batch-size {args.batch_size}: {len(train_ds)} training images leave a last batch of one "
                        f"image, which {args.model}'s BatchNorm cannot normalise; choose another --batch-size")
     if init is not None:
-        model.load_state_arrays(init["model"].state_arrays(), source=args.init_from)
-        print(f"initialised from {args.init_from} (epoch {init['provenance']['epoch']} of its run)")
+        model.load_state_arrays(init["model"].state_arrays(), source=init_from)
+        print(f"initialised from {init_from} (epoch {init['provenance']['epoch']} of its run)")
     opt_kw = {"lr": args.lr, "weight_decay": args.weight_decay}
     if args.optimizer in ("sgd", "rmsprop"):
         opt_kw["momentum"] = args.momentum
