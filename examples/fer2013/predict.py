@@ -6,7 +6,8 @@
 
 Any image Pillow can read, of any size, colour or grayscale, is turned into
 what the network was trained on: its EXIF orientation applied, converted to
-grayscale, resized to 48x48 (bilinear, as the FER-2013 loader does), then
+grayscale (16-bit images scaled to 0..255, not clipped), resized to 48x48
+(bilinear, as the FER-2013 loader does), then
 normalised with the checkpoint's statistics. The image should be a face
 cropped roughly as in FER-2013 (no face detection is done here).
 
