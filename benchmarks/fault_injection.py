@@ -417,6 +417,10 @@ def build_cases(work: Path, data: Path, base_run: Path, env) -> list[Case]:
                        (["--tta", "--tta-padding", "30"], "evaluate --tta-padding 30"),
                        (["--split", "bogus"], "evaluate --split bogus")):
         cases.append(Case("other scripts", name, "evaluate", ["--checkpoint", ckpt, "--data", data, *argv]))
+    cases.append(Case("other scripts", "evaluate --plots under a file", "evaluate",
+                      ["--checkpoint", ckpt, "--data", data, "--plots", image / "plots"]))
+    cases.append(Case("other scripts", "precise_bn --out under a file", "precise_bn",
+                      ["--checkpoint", ckpt, "--out", image / "p.npz", "--data", data]))
     cases.append(Case("other scripts", "precise_bn --out the checkpoint itself", "precise_bn",
                       ["--checkpoint", ckpt, "--out", ckpt, "--data", data]))
     cases.append(Case("other scripts", "precise_bn --batch-size 1", "precise_bn",

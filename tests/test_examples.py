@@ -756,3 +756,15 @@ def test_evaluate_refuses_a_checkpoint_with_non_finite_normalisation(fer_run, tm
     bad = save_npz(tmp_path / "nan_norm.npz", arrays, meta)
     rc, out, err = run_main(evaluate_script, ["--checkpoint", str(bad), "--data", str(data)], capsys)
     assert rc == 2 and out == "" and "normalisation statistics (data/norm/) are not finite" in err
+
+
+def test_evaluate_and_precise_bn_report_unwritable_outputs(fer_run, tmp_path, capsys, cache_env):
+    data, run = fer_run
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    rc, _, err = run_main(evaluate_script, ["--checkpoint", str(run / "best.npz"), "--data", str(data),
+                                            "--plots", str(a_file / "plots")], capsys)
+    assert rc == 2 and err.splitlines()[-1].startswith(f"error: --plots {a_file / 'plots'}:")
+    rc, _, err = run_main(precise_bn_script, ["--checkpoint", str(run / "best.npz"), "--data", str(data),
+                                              "--out", str(a_file / "p.npz")], capsys)
+    assert rc == 2 and err.splitlines()[-1].startswith(f"error: --out {a_file / 'p.npz'}:")

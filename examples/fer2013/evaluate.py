@@ -25,8 +25,8 @@ image folders it was trained on.
 
 stdout holds only the JSON document (accuracy, per-class precision / recall /
 F1, confusion matrix in counts and row-normalised, checkpoint information);
-progress goes to stderr. Exit codes: 0 ok, 2 unusable checkpoint, data or
-backend (the message names the file and the problem).
+progress goes to stderr. Exit codes: 0 ok, 2 unusable checkpoint, data,
+backend or --plots folder (the message names the file and the problem).
 """
 from __future__ import annotations
 
@@ -203,9 +203,14 @@ def main(argv=None) -> int:
               **({"tta_padding": args.tta_padding} if args.tta else {}), **report}
     if args.plots:
         log(f"writing figures to {args.plots}")
-        result["plots"], result["plots_skipped"] = make_plots(args.plots, model, norm, ds, probs, class_names, meta,
-                                                              seed=int(targs["seed"]))
-        write_text(Path(args.plots) / "metrics.json", dumps(finite_json(result)) + "\n")
+        try:
+            result["plots"], result["plots_skipped"] = make_plots(args.plots, model, norm, ds, probs, class_names,
+                                                                  meta, seed=int(targs["seed"]))
+            write_text(Path(args.plots) / "metrics.json", dumps(finite_json(result)) + "\n")
+        except OSError as exc:  # an unwritable folder, a full disk
+            print(f"error: --plots {args.plots}: {exc.strerror or exc}"
+                  + (f" ({exc.filename})" if exc.filename else ""), file=sys.stderr)
+            return 2
     print(dumps(finite_json(result)))
     log(f"{args.split} accuracy {report['accuracy']:.4f} on {report['num_examples']} images")
     return 0

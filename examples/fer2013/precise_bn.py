@@ -18,7 +18,7 @@ It prints JSON with the validation accuracy and loss before and after, so the
 choice between the two files is made on the validation split (never on
 test), and writes a new checkpoint (atomically; the source is left as it is)
 that records what was done under ``batchnorm_recalibration``.
-Exit codes: 0 ok, 2 unusable checkpoint, data or backend.
+Exit codes: 0 ok, 2 unusable checkpoint, data, backend or --out.
 """
 from __future__ import annotations
 
@@ -92,7 +92,11 @@ def main(argv=None) -> int:
     record = {"source": str(args.checkpoint), "batch_size": args.batch_size, **info,
               "val_before": before, "val_after": after, "seconds": round(seconds, 1)}
     arrays.update({k: v for k, v in model.state_arrays().items() if k.startswith("buffer/")})
-    out = save_npz(args.out, arrays, dict(meta, batchnorm_recalibration=record))
+    try:
+        out = save_npz(args.out, arrays, dict(meta, batchnorm_recalibration=record))
+    except OSError as exc:  # an unwritable folder, a full disk: nothing half-written is left (save_npz is atomic)
+        print(f"error: --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     print(json.dumps({"out": str(out), **record}, indent=2))
     return 0
 
