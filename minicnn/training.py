@@ -65,13 +65,20 @@ RUN_FILES = ("last.npz", "best.npz", "history.json", "history.csv")
 
 
 def non_finite_arrays(arrays: dict) -> list[str]:
-    """Names of the floating-point arrays of ``arrays`` holding a NaN or an infinity."""
-    bad = []
+    """Names of the floating-point arrays of ``arrays`` holding a NaN or an infinity.
+
+    The test runs where each array lives; one small read-back per device answers for all its
+    arrays (not one per array: on a GPU each read-back is a synchronisation).
+    """
+    by_module: dict = {}
     for name, value in arrays.items():
-        host = backend.to_host(value)
-        if host.dtype.kind in "fc" and not np.isfinite(host).all():
-            bad.append(name)
-    return bad
+        if getattr(value, "dtype", np.dtype(object)).kind in "fc":
+            by_module.setdefault(backend.get_array_module(value), []).append((name, value))
+    bad = set()
+    for xp, items in by_module.items():
+        finite = backend.to_host(xp.stack([xp.isfinite(v).all() for _, v in items]))
+        bad.update(name for (name, _), ok in zip(items, finite) if not ok)
+    return [name for name in arrays if name in bad]
 
 
 def _jsonable(obj):
@@ -393,6 +400,7 @@ class Trainer:
         Returns the history: one dict per epoch with train/val loss and accuracy,
         learning rate, seconds and images per second.
         """
+        given_y_train, given_y_val = y_train, y_val  # device labels stay where they are (no round trip)
         y_train = self._check_labels("y_train", x_train, y_train)
         has_val = x_val is not None and len(x_val) > 0
         if has_val:
@@ -418,10 +426,10 @@ class Trainer:
             log(f"resumed from {self.out_dir / 'last.npz'} after epoch {self.epoch}")
         xp = backend.module_of(self.model)  # data go to the model's device, once
         x = backend.to_array_module(x_train, xp, dtype=self.model.dtype)
-        y = backend.to_array_module(y_train, xp)  # y_train, y_val: checked host int64 (above)
+        y = backend.to_array_module(_same_or_checked(given_y_train, y_train, xp), xp).astype(np.int64, copy=False)
         if has_val:
             x_val = backend.to_array_module(x_val, xp, dtype=self.model.dtype)
-            y_val = backend.to_array_module(y_val, xp)
+            y_val = backend.to_array_module(_same_or_checked(given_y_val, y_val, xp), xp).astype(np.int64, copy=False)
         # The best validation accuracy so far and the first epoch that reached it.
         scored = [h for h in self.history if h.get("val_acc") is not None]
         best = max((h["val_acc"] for h in scored), default=-1.0)
@@ -496,6 +504,13 @@ class Trainer:
         if len(y_host) and y_host.min() < 0:
             raise ValueError(f"Trainer.fit: {name} holds label {int(y_host.min())}: class indices start at 0")
         return y_host
+
+
+def _same_or_checked(given, checked, xp):
+    """The labels as given when they already live on the model's device (checked on a host copy), else the copy."""
+    if hasattr(given, "dtype") and backend.get_array_module(given) is xp and xp is not np:
+        return given
+    return checked
 
 
 def _raise_interrupt(signum, frame):
