@@ -215,13 +215,14 @@ def _epoch_ledger(fake_cupy, steps, log_every):
 @pytest.mark.parametrize("steps,log_every", [(7, 3), (7, 100), (3, 100)])
 def test_a_training_epoch_syncs_only_when_it_logs_and_at_its_end(fake_cupy, steps, log_every):
     """No host sync and no host-device copy per step: the running loss is read every log_every steps,
-    loss and accuracy once more at the end of the epoch; the shuffle, augmentation (crop included),
-    forward, backward, clipping and Adam stay on the device."""
+    loss and accuracy once more at the end of the epoch, and one read-back says whether every weight and
+    running statistic is finite; the shuffle, augmentation (crop included), forward, backward, clipping
+    and Adam stay on the device. Before the epoch, fit checks the labels once on the host."""
     ledger = _epoch_ledger(fake_cupy, steps, log_every)
     logs = sum(1 for s in range(steps) if (s + 1) % log_every == 0 or s + 1 == steps)
     where = sorted({w for _, w in ledger.syncs})
-    assert len(ledger.syncs) == logs + 2, ledger.summary()
-    assert all(w.startswith("minicnn/training.py:") for w in where), where
+    assert len(ledger.syncs) == logs + 2 + 1 + 1, ledger.summary()
+    assert all(w.startswith(("minicnn/training.py:", "minicnn/backend.py:")) for w in where), where
     assert not [c for c in ledger.copies if c[0] == "H2D"], ledger.copies  # x and y are on the device already
     assert len(ledger.copies) == len(ledger.syncs)  # the only copies back are the logged scalars
     assert math.ceil(steps / log_every) <= logs

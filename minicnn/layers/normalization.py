@@ -62,6 +62,9 @@ class _BatchNorm(Layer):
     def _check(self, x):
         if x.ndim != len(self.axes) + 1 or x.shape[1] != self.num_features:
             raise self._bad_input(self.layout.format(self.num_features), x)
+        if x.dtype.kind != "f":  # integer input would be normalised in integer arithmetic: all zeros
+            raise TypeError(f"{self!r}: expects floating-point input, got dtype {x.dtype}; convert it first "
+                            "(e.g. x.astype(np.float32))")
 
     def forward(self, x, training=True):
         """Normalise ``x`` with the batch statistics (training, which also updates the running
