@@ -154,7 +154,7 @@ def run_worker(tmp_path, name, ranks, *flags, check=True):
         cmd = [_mpiexec(), "-n", str(ranks), *cmd]
     else:
         _mpiexec()  # the comparisons need the multi-rank side too
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=180, cwd=tmp_path)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return dict(np.load(out)), json.loads(out.with_suffix(".json").read_text())
