@@ -331,11 +331,37 @@ class Trainer:
         return meta
 
     # -- the loop -----------------------------------------------------------------------
+    def _epoch_seed(self, epoch):
+        return (self.seed * 1_000_003 + self.stream_offset + epoch) % (2**32 - 1)
+
     def _reseed(self, epoch):
-        epoch_seed = (self.seed * 1_000_003 + self.stream_offset + epoch) % (2**32 - 1)
+        epoch_seed = self._epoch_seed(epoch)
         backend.seed(epoch_seed)
         if self.augmenter is not None and hasattr(self.augmenter, "reseed"):
             self.augmenter.reseed(epoch_seed + 1)
+
+    # -- what a data-parallel trainer changes (minicnn.distributed.DistributedTrainer) ---
+    def _shuffle(self, xp, n, epoch):
+        """The order in which epoch ``epoch`` visits the ``n`` training images."""
+        return backend.random_state(xp).permutation(n)
+
+    def _local_part(self, idx):
+        """The part of a global batch (indices ``idx``) that this process trains on: all of it."""
+        return idx
+
+    def _train_step(self, xb, yb, global_batch):
+        """Forward, loss, backward, clipping and update on one batch; returns (loss, logits) on the device."""
+        logits = self.model.forward(xb, training=True)
+        loss = self.loss_fn.forward(logits, yb)
+        self.model.backward(self.loss_fn.backward())
+        if self.clip_norm:
+            clip_grad_norm(self.model.grads, self.clip_norm)
+        self.optimizer.step()
+        return loss, logits
+
+    def _sum_across_processes(self, *values):
+        """Totals of per-process counters over all processes: here, the values themselves."""
+        return values
 
     def evaluate(self, x, y, batch_size=512):
         """(mean loss, accuracy) in evaluation mode; x, y on host or device."""
@@ -352,7 +378,7 @@ class Trainer:
     def _epoch(self, x, y, epoch, epochs):
         xp = backend.module_of(self.model)
         n = len(y)
-        order = backend.random_state(xp).permutation(n)
+        order = self._shuffle(xp, n, epoch)
         steps = math.ceil(n / self.batch_size)
         loss_sum, correct = xp.zeros((), dtype=np.float64), xp.zeros((), dtype=np.int64)
         bar = None
@@ -366,33 +392,32 @@ class Trainer:
         start_time, seen = time.perf_counter(), 0
         for step in range(steps):
             idx = order[step * self.batch_size : (step + 1) * self.batch_size]
+            global_batch = len(idx)
+            idx = self._local_part(idx)
             xb, yb = x[idx], y[idx]
             if self.augmenter is not None:
                 xb = self.augmenter(xb, training=True)
-            logits = self.model.forward(xb, training=True)
-            loss = self.loss_fn.forward(logits, yb)
-            self.model.backward(self.loss_fn.backward())
-            if self.clip_norm:
-                clip_grad_norm(self.model.grads, self.clip_norm)
-            self.optimizer.step()
+            loss, logits = self._train_step(xb, yb, global_batch)
             loss_sum += loss * len(idx)
             correct += (logits.argmax(axis=1) == yb).sum()
             seen += len(idx)
             if (step + 1) % self.log_every == 0 or step + 1 == steps:
-                running = float(loss_sum) / seen  # the only host sync of the loop
+                # the only host sync of the loop (with several processes, one small allreduce too)
+                loss_seen, correct_seen, seen_all = self._sum_across_processes(loss_sum, correct, seen)
+                running = float(loss_seen) / seen_all
                 if not math.isfinite(running):
                     raise TrainingDiverged(
                         f"the training loss became {running} in epoch {epoch + 1}, step {step + 1}; "
                         f"try a lower learning rate or --clip-norm. {self.last_good()}"
                     )
                 if bar is not None:
-                    bar.update(seen - bar.n)
-                    bar.set_postfix(loss=f"{running:.4f}", acc=f"{float(correct) / seen:.4f}",
-                                    img_s=f"{seen / (time.perf_counter() - start_time):.0f}")
+                    bar.update(seen_all - bar.n)
+                    bar.set_postfix(loss=f"{running:.4f}", acc=f"{float(correct_seen) / seen_all:.4f}",
+                                    img_s=f"{seen_all / (time.perf_counter() - start_time):.0f}")
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - start_time
-        return float(loss_sum) / n, float(correct) / n, elapsed
+        return float(loss_seen) / n, float(correct_seen) / n, elapsed
 
     def fit(self, x_train, y_train, x_val=None, y_val=None, epochs=10, resume=False, log=print):
         """Train until ``epochs`` epochs are completed (counting those of a resumed run).

@@ -44,11 +44,18 @@ BatchNorm statistic becomes NaN or infinite, before anything non-finite is
 written, naming the last good checkpoint. Exit codes: 0 done, 1 diverged,
 2 bad flag, data, checkpoint, backend or an unwritable / full disk (the
 message names it), 130 interrupted.
+
+Several processes: ``mpirun -n 2 python examples/fer2013/train.py ...`` trains
+data-parallel (minicnn.distributed): --batch-size is the global batch, split
+over the ranks; each rank gets an equal share of the machine's cores for BLAS;
+only rank 0 prints and writes; --sync-bn computes BatchNorm statistics over
+the global batch. --resume needs the same number of ranks.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,6 +70,7 @@ from common import (check_fingerprint, data_fingerprint, full_history, make_spli
 from minicnn.backend import BackendUnavailableError  # noqa: E402
 from minicnn.checkpoint import clean_orphaned_tmp, write_json  # noqa: E402
 from minicnn.data import Augmenter, DataError, Normalizer, load_fer2013  # noqa: E402
+from minicnn.distributed import DistributedTrainer, world  # noqa: E402
 from minicnn.losses import MSELoss, SoftmaxCrossEntropy  # noqa: E402
 from minicnn.metrics import classification_report  # noqa: E402
 from minicnn.models import MODELS, build_model  # noqa: E402
@@ -187,6 +195,8 @@ def build_parser():
     p.add_argument("--log-every", type=POSITIVE_INT, default=20, help="steps between progress updates")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-test", action="store_true", help="skip the final PublicTest evaluation")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under mpirun: BatchNorm statistics over the global batch (default: each rank's own shard)")
     return p
 
 
@@ -347,13 +357,20 @@ def main(argv=None):
 
 def run(argv=None):
     args = parse_args(argv)
+    comm = world()  # one process, or every rank of an mpirun job
+    if comm.rank:  # rank 0 speaks for the job; errors still reach stderr
+        sys.stdout = open(os.devnull, "w")
+        args.no_progress = True
     out = Path(args.out)
     resumed_meta = None
     if args.resume:
         args, resumed_meta = resumed_args(args, argv, out)
     else:
         check_out(out, args)
+    comm.barrier()  # every rank has looked at --out before rank 0 writes there
     minicnn.set_backend(args.backend)
+    if comm.size > 1 and args.backend == "cupy":
+        comm.use_local_gpu()  # one rank per GPU of each machine
     minicnn.backend.use_heap_allocator()  # fewer page faults per step on the CPU (see its docstring)
     minicnn.seed(args.seed)
 
@@ -406,6 +423,11 @@ def run(argv=None):
         norm = Normalizer(args.normalize).fit(train_ds.images)  # statistics from the training split only
     x_train, x_val = to_model_input(norm, train_ds.images), to_model_input(norm, val_ds.images)
     print(f"train {len(train_ds)}, validation {len(val_ds)}, test {len(test)}, classes {class_names}")
+    if comm.size > 1:
+        threads = comm.limit_blas_threads()
+        print(f"data-parallel on {comm.size} MPI ranks, global batch {args.batch_size}"
+              + (f", {threads} BLAS thread(s) per rank" if threads else "")
+              + (", synchronised BatchNorm" if args.sync_bn else ""))
 
     model = build_model(args.model, num_classes=len(class_names))
     has_batchnorm = any(type(m).__name__.startswith("BatchNorm") for m in _layers(model))
@@ -441,20 +463,24 @@ def run(argv=None):
     # A run from another run's weights draws fresh shuffles, dropout masks and augmented views: its
     # epochs take the random streams that follow the epochs those weights were trained for.
     stream_offset = len(provenance["epochs_before"]) if provenance else 0
-    trainer = Trainer(
+    trainer_cls, parallel = ((DistributedTrainer, {"comm": comm, "sync_batchnorm": args.sync_bn}) if comm.size > 1
+                             else (Trainer, {}))
+    trainer = trainer_cls(
         model, optimizer, loss_fn, schedule, augmenter, batch_size=args.batch_size, seed=args.seed, out_dir=out,
         early_stopping=args.early_stopping, clip_norm=args.clip_norm, log_every=args.log_every,
         progress=not args.no_progress, stream_offset=stream_offset,
         extra_meta={"class_names": class_names, "args": vars(args) | {"data": str(data_path)},
                     "data_fingerprint": fingerprint, "backend": args.backend,
                     **({"init": provenance} if provenance else {})},
-        extra_arrays=norm.to_arrays(prefix="data/norm/"),
+        extra_arrays=norm.to_arrays(prefix="data/norm/"), **parallel,
     )
-    if args.overwrite:
+    if args.overwrite and comm.rank == 0:
         clear_out(out)  # only now: a run refused for its data or arguments leaves the previous one intact
     trainer.fit(x_train, train_ds.labels, x_val, val_ds.labels, epochs=args.epochs, resume=args.resume)
     if trainer.interrupted:
         return 130
+    if comm.rank:
+        return 0  # rank 0 evaluates and writes the metrics
 
     if args.no_test or not (out / "best.npz").exists():
         return 0
