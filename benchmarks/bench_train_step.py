@@ -8,6 +8,7 @@ and the minicnn / PyTorch ratio, and writes JSON with the environment.
     python benchmarks/bench_train_step.py                       # hw3_cnn, batch 128, CPU
     python benchmarks/bench_train_step.py --models hw3_cnn hw3_dnn --batch-sizes 64 128 256
     python benchmarks/bench_train_step.py --backend cupy        # CuPy vs PyTorch CUDA
+    python benchmarks/bench_train_step.py --backend cupy --generic   # + minicnn without its fused kernels
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
 from common import default_json_path, environment, markdown_table, setup, summarize, time_call, torch_twin, write_json  # noqa: E402
+from minicnn import kernels  # noqa: E402
 from minicnn.optim import Adam  # noqa: E402
 
 
@@ -69,6 +71,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--inference", action="store_true", help="also time evaluation-mode forward passes")
+    p.add_argument("--generic", action="store_true",
+                   help="also time minicnn with its fused CuPy kernels off (minicnn.kernels.use_fused(False))")
     p.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator settings alone")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--json", default=None, help="output JSON path (default runs/benchmarks/train_step_<backend>.json; the reference figures are benchmarks/results/*.json)")
@@ -86,10 +90,14 @@ def main(argv=None):
             rng = np.random.default_rng(0)
             x = minicnn.to_device(rng.standard_normal((b, 1, 48, 48)).astype(np.float32))
             y = minicnn.to_device(rng.integers(0, 7, b))
-            modes = [("train", True)] + ([("inference", False)] if args.inference else [])
-            for mode, train in modes:
-                ours = (bench_minicnn(model, x, y, args.repeats, args.warmup, sync) if train
-                        else bench_minicnn_inference(model, x, args.repeats, args.warmup, sync))
+            modes = [("train", True, True)] + ([("inference", False, True)] if args.inference else [])
+            if args.generic:
+                modes += [("train (generic)", True, False)] + (
+                    [("inference (generic)", False, False)] if args.inference else [])
+            for mode, train, fused in modes:
+                with kernels.use_fused(fused):
+                    ours = (bench_minicnn(model, x, y, args.repeats, args.warmup, sync) if train
+                            else bench_minicnn_inference(model, x, args.repeats, args.warmup, sync))
                 theirs = bench_torch(torch, model, x, y, args.repeats, args.warmup, device, train)
                 o, t = summarize(ours), summarize(theirs)
                 row = {"model": name, "mode": mode, "batch": b,

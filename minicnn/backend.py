@@ -28,12 +28,15 @@ __all__ = [
     "get_array_module",
     "to_device",
     "to_host",
+    "to_array_module",
+    "module_of",
     "seed",
     "get_seed",
     "random_state",
     "set_default_dtype",
     "get_default_dtype",
     "cupy_available",
+    "cupy_importable",
     "use_heap_allocator",
 ]
 
@@ -46,21 +49,61 @@ class BackendUnavailableError(RuntimeError):
     """Raised when the CuPy backend is requested but CuPy or a GPU is missing."""
 
 
+INSTALL_HINT = ("from the minicnn checkout, pip install -e '.[gpu]' (CuPy for CUDA 12 with its CUDA libraries: "
+                "cupy-cuda12x[ctk]); for CUDA 13, pip install 'cupy-cuda13x[ctk]'")
+_probed: set = set()
+
+
 def _import_cupy():
     try:
         import cupy  # noqa: PLC0415  (imported lazily on purpose)
-    except ImportError as exc:  # pragma: no cover - depends on the machine
-        raise BackendUnavailableError(
-            "the 'cupy' backend needs CuPy, which is not installed: "
-            "pip install 'minicnn[gpu]' (CUDA 12) or pip install cupy-cuda13x (CUDA 13)"
-        ) from exc
+    except ImportError as exc:  # depends on the machine
+        raise BackendUnavailableError(f"the 'cupy' backend needs CuPy, which is not installed: {INSTALL_HINT}") from exc
     try:
         count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        raise BackendUnavailableError(f"CuPy is installed but no CUDA device is usable: {exc}") from exc
-    if count == 0:  # pragma: no cover
-        raise BackendUnavailableError("CuPy is installed but no CUDA device was found")
+    except Exception as exc:  # depends on the machine
+        raise BackendUnavailableError(
+            f"CuPy is installed but no CUDA device is usable ({type(exc).__name__}: {exc}); the 'cupy' backend "
+            "needs an NVIDIA GPU and its driver (nvidia-smi should list the GPU)") from exc
+    if count == 0:
+        raise BackendUnavailableError("CuPy is installed but no CUDA device was found (nvidia-smi should list one)")
+    if id(cupy) not in _probed:
+        _probe_libraries(cupy)
+        _probed.add(id(cupy))
     return cupy
+
+
+def _probe_libraries(cupy) -> None:
+    """Fail now, not mid-training, when a CUDA library CuPy loads on first use is missing.
+
+    A plain ``cupy-cuda12x`` wheel brings none of cuBLAS, cuRAND and NVRTC:
+    without a CUDA toolkit it imports, sees the GPU, and fails at the first
+    matrix product. One tiny use of each library, then a sync so errors surface.
+    """
+    from . import kernels  # noqa: PLC0415  (the probe kernel's source lives with the other kernels)
+
+    checks = [
+        ("cuBLAS (matrix products)", lambda: cupy.ones((2, 2), dtype=np.float32) @ cupy.ones((2, 2), dtype=np.float32)),
+        ("cuRAND (random draws)", lambda: cupy.random.RandomState(0).random_sample((4,), dtype=np.float32)),
+        ("NVRTC (run-time compilation of minicnn's kernels)", lambda: kernels.probe(cupy)),
+    ]
+    for what, check in checks:
+        try:
+            float(check().sum())
+        except Exception as exc:  # noqa: BLE001 - any failure means the backend is unusable
+            raise BackendUnavailableError(
+                f"CuPy {getattr(cupy, '__version__', '?')} sees a GPU, but {what} failed "
+                f"({type(exc).__name__}: {exc}); install CuPy with its CUDA libraries: {INSTALL_HINT}") from exc
+
+
+def cupy_importable() -> bool:
+    """True when a package named ``cupy`` can be imported (says nothing about a GPU; never raises)."""
+    import importlib.util  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    if "cupy" in sys.modules:
+        return sys.modules["cupy"] is not None
+    return importlib.util.find_spec("cupy") is not None
 
 
 def cupy_available() -> bool:
@@ -127,6 +170,25 @@ def to_device(x, dtype=None):
         x = to_host(x)
         return x if dtype is None else x.astype(dtype, copy=False)
     return xp.asarray(x, dtype=dtype)
+
+
+def to_array_module(x, xp, dtype=None):
+    """``x`` as an array of the module ``xp`` (``numpy`` or ``cupy``), copied only where needed.
+
+    Use this rather than :func:`to_device` where the destination is a model's
+    own device (``xp = module_of(model)``), not the active backend: a NumPy
+    model keeps working while the CuPy backend is active, and vice versa.
+    """
+    if xp is np:
+        x = to_host(x)
+        return x if dtype is None else x.astype(dtype, copy=False)
+    return xp.asarray(x, dtype=dtype)
+
+
+def module_of(model):
+    """The array module of a layer's or model's parameters (NumPy for a model without any)."""
+    arrays = list(model.params.values()) + list(model.buffers.values())
+    return get_array_module(*arrays)
 
 
 def to_host(x):

@@ -5,10 +5,20 @@ names to plain numeric arrays plus one JSON document stored as a unicode
 array under ``__meta__``. Files are written to a temporary file in the same
 folder and renamed into place, so a crash never leaves a half-written file,
 and read with ``allow_pickle=False``, so loading a file never runs code.
+
+Reading a file never trusts it: :func:`inspect_npz` reads only the zip
+directory and each member's ``.npy`` header (names, dtypes, shapes, declared
+sizes) and refuses a file whose arrays would not fit its declared sizes, are
+not plain numbers, or add up to more than :data:`MAX_ARRAY_BYTES`, before a
+single array is decompressed; so a crafted file cannot exhaust memory.
+
+:func:`write_json` writes JSON documents (histories, metrics) the same atomic
+way, with ``null`` for NaN and infinities (bare ``NaN`` is not JSON).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -18,9 +28,16 @@ import numpy as np
 
 from .backend import to_host
 
-__all__ = ["CheckpointError", "save_npz", "load_npz"]
+__all__ = ["CheckpointError", "save_npz", "load_npz", "inspect_npz", "write_json", "write_text", "finite_json",
+           "MAX_ARRAY_BYTES", "clean_orphaned_tmp"]
 
 META_KEY = "__meta__"
+#: Largest total of array bytes a file may declare (the biggest zoo network with its Adam state is ~50 MB).
+MAX_ARRAY_BYTES = int(os.environ.get("MINICNN_MAX_CHECKPOINT_BYTES", 4 * 2**30))
+#: Largest ``__meta__`` JSON document, in bytes (a long history is a few hundred kB).
+MAX_META_BYTES = 64 * 2**20
+_ZIP_MAGIC = b"PK\x03\x04"
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 class CheckpointError(ValueError):
@@ -46,10 +63,22 @@ def save_npz(path, arrays: dict, meta: dict | None = None) -> Path:
     if META_KEY in payload:
         raise CheckpointError(f"{META_KEY!r} is a reserved name")
     payload[META_KEY] = np.array(json.dumps(meta or {}))
+    return _write_atomic(path, lambda fh: np.savez(fh, **payload))
+
+
+def _write_atomic(path: Path, write) -> Path:
+    """Call ``write(binary file)`` on a temporary file beside ``path``, then rename it into place.
+
+    The temporary file is named ``.<name>.<random>.tmp``; a process killed
+    mid-write (kill -9) leaves it behind, and :func:`clean_orphaned_tmp`
+    removes such leftovers at the next start.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **payload)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it the usual permissions
@@ -60,11 +89,131 @@ def save_npz(path, arrays: dict, meta: dict | None = None) -> Path:
     return path
 
 
-def load_npz(path) -> tuple[dict, dict]:
-    """Read a file written by :func:`save_npz`: returns (arrays as NumPy, meta dict)."""
+def clean_orphaned_tmp(folder, names) -> list[Path]:
+    """Remove the temporary files a killed writer of ``folder/<name>`` left behind; returns them."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for name in names:
+        for tmp in folder.glob(f".{name}.*.tmp"):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+    return removed
+
+
+def finite_json(obj):
+    """``obj`` with every NaN or infinite float replaced by None (JSON ``null``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def write_text(path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (UTF-8)."""
+    return _write_atomic(Path(path), lambda fh: fh.write(text.encode()))
+
+
+def write_json(path, obj, indent=1) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically; NaN and infinities become ``null``."""
+    return write_text(path, json.dumps(finite_json(obj), indent=indent, allow_nan=False) + "\n")
+
+
+def _describe_start(head: bytes) -> str:
+    if not head:
+        return "it is empty"
+    if head.startswith(_NPY_MAGIC):
+        return "it is a single .npy array, not an .npz archive of named arrays"
+    if head.startswith(b"\x89PNG"):
+        return "it is a PNG image, not a checkpoint"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "it is a JPEG image, not a checkpoint"
+    if head[:1] == b"\x80":
+        return "it looks like a Python pickle, which minicnn never loads"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"it starts with bytes {head[:16]!r}"
+    return f"it looks like a text file, starting {text[:40]!r}"
+
+
+def inspect_npz(path) -> dict:
+    """``{name: (dtype, shape)}`` of the arrays of an ``.npz`` file, from its headers alone.
+
+    Reads the zip directory and the few bytes of each member's ``.npy``
+    header; decompresses nothing else. Raises :class:`CheckpointError` for a
+    file that is not a zip archive, a member that is not a ``.npy`` array, a
+    duplicated name, an object (pickled) dtype, an array larger than its
+    member's declared size, or arrays totalling more than :data:`MAX_ARRAY_BYTES`.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if not head.startswith(_ZIP_MAGIC):
+        raise CheckpointError(f"{path}: not a minicnn .npz file: {_describe_start(head)}")
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable .npz (zip) archive ({exc})") from None
+    found, total = {}, 0
+    with zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                raise CheckpointError(f"{path}: member {info.filename!r} is not a .npy array")
+            name = info.filename[: -len(".npy")]
+            if name in found:
+                raise CheckpointError(f"{path}: array {name!r} appears twice in the archive")
+            try:
+                with zf.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    if version == (1, 0):
+                        shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+                    elif version == (2, 0):
+                        shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+                    else:
+                        raise ValueError(f"unsupported .npy format version {version}")
+                    header_len = member.tell()
+            except (ValueError, zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
+                raise CheckpointError(f"{path}: array {name!r} has an unreadable header ({exc})") from None
+            if dtype.hasobject:
+                raise CheckpointError(
+                    f"{path}: array {name!r} holds Python objects (dtype {dtype}), which would need pickle; "
+                    "minicnn refuses to load it")
+            count = int(np.prod(shape, dtype=np.float64)) if shape else 1
+            nbytes = count * dtype.itemsize
+            if nbytes > info.file_size - header_len:
+                raise CheckpointError(
+                    f"{path}: array {name!r} claims shape {tuple(shape)} {dtype} ({nbytes:,} bytes) but its "
+                    f"member holds only {info.file_size - header_len:,} bytes: the file is truncated or crafted")
+            limit = MAX_META_BYTES if name == META_KEY else MAX_ARRAY_BYTES
+            total += nbytes
+            if nbytes > limit or total > MAX_ARRAY_BYTES:
+                raise CheckpointError(
+                    f"{path}: its arrays declare {total:,} bytes, more than the {limit:,} a minicnn checkpoint "
+                    "may hold (set MINICNN_MAX_CHECKPOINT_BYTES to allow more)")
+            found[name] = (dtype, tuple(shape))
+    return found
+
+
+def load_npz(path, check=None) -> tuple[dict, dict]:
+    """Read a file written by :func:`save_npz`: returns (arrays as NumPy, meta dict).
+
+    The headers are checked with :func:`inspect_npz` first. ``check``, when
+    given, is called as ``check(meta, headers)`` (``headers`` as
+    :func:`inspect_npz` returns them) after the small ``__meta__`` entry is read
+    and before any other array is decompressed; it raises to refuse the file.
+    """
+    path = Path(path)
+    headers = inspect_npz(path)
     try:
         data = np.load(path, allow_pickle=False)
     except (ValueError, zipfile.BadZipFile, OSError, EOFError) as exc:
@@ -74,7 +223,11 @@ def load_npz(path) -> tuple[dict, dict]:
         raise CheckpointError(f"{path}: holds a single .npy array, expected an .npz archive of named arrays")
     arrays = {}
     with data:
-        for name in data.files:
+        names = list(data.files)
+        if check is not None:
+            meta = _read_meta(path, data[META_KEY] if META_KEY in names else None)
+            check(meta, {k: v for k, v in headers.items() if k != META_KEY})
+        for name in names:
             try:
                 arrays[name] = data[name]
             except ValueError as exc:  # raised for object (pickled) arrays
@@ -83,11 +236,19 @@ def load_npz(path) -> tuple[dict, dict]:
                 ) from None
             except (zipfile.BadZipFile, OSError, EOFError) as exc:
                 raise CheckpointError(f"{path}: array {name!r} is unreadable or truncated ({exc})") from None
-    meta_arr = arrays.pop(META_KEY, None)
-    meta = {}
-    if meta_arr is not None:
-        try:
-            meta = json.loads(str(meta_arr))
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path}: its {META_KEY!r} entry is not valid JSON ({exc})") from None
-    return arrays, meta
+    return arrays, _read_meta(path, arrays.pop(META_KEY, None))
+
+
+def _read_meta(path, meta_arr) -> dict:
+    if meta_arr is None:
+        return {}
+    if meta_arr.dtype.kind != "U" or meta_arr.ndim != 0:
+        raise CheckpointError(f"{path}: its {META_KEY!r} entry is not a JSON string (found {meta_arr.dtype} "
+                              f"{meta_arr.shape})")
+    try:
+        meta = json.loads(str(meta_arr))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: its {META_KEY!r} entry is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its {META_KEY!r} entry is JSON but not an object")
+    return meta

@@ -4,7 +4,7 @@
     >>> p = predict_proba(model, x)          # (N, K) NumPy array, rows sum to 1
     >>> p_tta = predict_tta(model, x)        # averaged over 10 views of each image
 
-Both run the model in evaluation mode on the active backend (NumPy or CuPy)
+Both run the model in evaluation mode on its own device (NumPy or CuPy)
 and return host (NumPy) arrays, since what follows (metrics, printing,
 plotting) happens on the host.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import get_array_module, to_device, to_host
+from .backend import get_array_module, module_of, to_array_module, to_host
 from .losses import softmax
 
 __all__ = ["predict_proba", "predict_tta", "tta_views"]
@@ -32,7 +32,7 @@ def predict_proba(model, x, batch_size: int = 256) -> np.ndarray:
     _check_input(x)
     out = []
     for start in range(0, len(x), batch_size):
-        xb = to_device(x[start : start + batch_size], dtype=model.dtype)
+        xb = to_array_module(x[start : start + batch_size], module_of(model), dtype=model.dtype)
         out.append(to_host(softmax(model.forward(xb, training=False))))
     if not out:
         return np.zeros((0, 0))
@@ -79,7 +79,7 @@ def predict_tta(model, x, batch_size: int = 256, padding: int = 4, flip: bool = 
     _check_input(x)
     out = []
     for start in range(0, len(x), batch_size):
-        xb = to_device(x[start : start + batch_size], dtype=model.dtype)
+        xb = to_array_module(x[start : start + batch_size], module_of(model), dtype=model.dtype)
         views = tta_views(xb, padding, flip)
         total = None
         for v in views:

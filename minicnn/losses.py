@@ -6,6 +6,8 @@ training loop can accumulate it on the GPU without a host round trip.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .backend import get_array_module
 
 __all__ = ["SoftmaxCrossEntropy", "MSELoss", "softmax", "log_softmax"]
@@ -38,6 +40,13 @@ def softmax(z):
 
 
 def _check(name, logits, labels):
+    """Shapes and dtype always; the label range when the labels live on the host.
+
+    Out-of-range labels must never index the scores: -1 would silently read the
+    last class. The range check on a device array would cost a host sync per
+    step, so there :class:`~minicnn.training.Trainer` checks every label once,
+    on the host, before training, and the loss checks dtype and shape only.
+    """
     if logits.ndim != 2:
         raise ValueError(f"{name}: expected logits of shape (N, K), got {tuple(logits.shape)}")
     if labels.shape != (logits.shape[0],):
@@ -45,6 +54,14 @@ def _check(name, logits, labels):
             f"{name}: expected labels of shape ({logits.shape[0]},) to match logits {tuple(logits.shape)}, "
             f"got {tuple(labels.shape)}"
         )
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"{name}: labels must be integer class indices, got dtype {labels.dtype}")
+    if isinstance(labels, np.ndarray) and labels.size:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= logits.shape[1]:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name}: label {bad} is not a class index in 0..{logits.shape[1] - 1} "
+                             f"({logits.shape[1]} classes)")
 
 
 class SoftmaxCrossEntropy:

@@ -22,19 +22,31 @@ validation accuracy improves. Each holds the weights, the optimiser state, the
 schedule state, the history and whatever ``extra_meta`` / ``extra_arrays`` the
 caller adds (the FER-2013 example stores class names and normalisation
 statistics there), so evaluation needs nothing but the file.
+
+Faults: Ctrl-C and SIGTERM stop training cleanly (``interrupted``), and the
+message names the epoch ``last.npz`` really holds; temporary files a kill -9
+left in ``out_dir`` are removed when ``fit`` starts; a NaN or infinite
+training or validation loss, weight or BatchNorm statistic raises
+:class:`TrainingDiverged` before anything is saved (no checkpoint with
+non-finite arrays is ever written, nor loaded); labels are checked once (integer,
+one per input, within the network's outputs) before training starts.
 """
 from __future__ import annotations
 
 import csv
-import json
+import inspect
+import io
 import math
+import numbers
+import signal
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from . import backend
-from .checkpoint import CheckpointError, load_npz, save_npz
+from .checkpoint import CheckpointError, clean_orphaned_tmp, load_npz, save_npz, write_json, write_text
 from .losses import SoftmaxCrossEntropy
 from .optim import clip_grad_norm
 
@@ -45,7 +57,28 @@ CHECKPOINT_FORMAT = "minicnn.checkpoint/1"
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+    """The loss, a weight or a running statistic became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+# Files the Trainer writes in out_dir (their orphaned temporary files are removed at the next fit).
+RUN_FILES = ("last.npz", "best.npz", "history.json", "history.csv")
+
+
+def non_finite_arrays(arrays: dict) -> list[str]:
+    """Names of the floating-point arrays of ``arrays`` holding a NaN or an infinity.
+
+    The test runs where each array lives; one small read-back per device answers for all its
+    arrays (not one per array: on a GPU each read-back is a synchronisation).
+    """
+    by_module: dict = {}
+    for name, value in arrays.items():
+        if getattr(value, "dtype", np.dtype(object)).kind in "fc":
+            by_module.setdefault(backend.get_array_module(value), []).append((name, value))
+    bad = set()
+    for xp, items in by_module.items():
+        finite = backend.to_host(xp.stack([xp.isfinite(v).all() for _, v in items]))
+        bad.update(name for (name, _), ok in zip(items, finite) if not ok)
+    return [name for name in arrays if name in bad]
 
 
 def _jsonable(obj):
@@ -60,11 +93,20 @@ def _jsonable(obj):
 
 
 def save_checkpoint(path, model, optimizer=None, schedule=None, epoch=0, history=(), extra_meta=None, extra_arrays=None):
-    """Write a resumable training checkpoint (atomic, no pickle)."""
+    """Write a resumable training checkpoint (atomic, no pickle).
+
+    Refuses (:class:`CheckpointError`, nothing written) weights, buffers or
+    optimiser state holding a NaN or an infinity: a checkpoint is always one
+    that training can resume from and evaluation can trust.
+    """
     arrays = dict(model.state_arrays())
     if optimizer is not None:
         arrays.update({f"optim/{k}": v for k, v in optimizer.state_dict().items()})
     arrays.update(extra_arrays or {})
+    bad = non_finite_arrays(arrays)
+    if bad:
+        raise CheckpointError(f"{path}: not written: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} "
+                              "hold NaN or infinite values")
     meta = {
         "format": CHECKPOINT_FORMAT,
         "model": {"name": model.name, "config": model.config, "input_shape": list(model.input_shape or ())},
@@ -84,19 +126,34 @@ def load_checkpoint(path, model=None, optimizer=None, schedule=None):
     (NumPy) so that callers can pick up what they stored (e.g. ``data/...``).
     Every part is validated before anything is changed.
     """
-    from .models import build_model  # noqa: PLC0415  (models import training lazily)
+    built = {}
 
-    arrays, meta = load_npz(path)
-    if meta.get("format") not in (CHECKPOINT_FORMAT, "minicnn.model/1"):
-        raise CheckpointError(f"{path}: not a minicnn checkpoint (format {meta.get('format')!r})")
-    if model is None:
-        info = meta.get("model") or {"name": meta.get("name"), "config": meta.get("config", {})}
-        try:
-            model = build_model(info["name"], **info.get("config", {}))
-        except (ValueError, TypeError) as exc:
-            raise CheckpointError(f"{path}: cannot rebuild its model {info!r}: {exc}") from None
+    def check(meta, headers):
+        # Runs on the headers alone, before any array is decompressed.
+        if meta.get("format") not in (CHECKPOINT_FORMAT, "minicnn.model/1"):
+            raise CheckpointError(f"{path}: not a minicnn checkpoint (format {meta.get('format')!r})")
+        target = model if model is not None else _rebuild_model(path, meta)
+        expected = target.state_arrays()
+        problems = [f"{k!r} has shape {headers[k][1]}, expected {tuple(v.shape)}"
+                    for k, v in expected.items() if k in headers and headers[k][1] != tuple(v.shape)]
+        missing = sorted(set(expected) - set(headers))
+        extra = sorted(k for k in headers if k.startswith(("param/", "buffer/")) and k not in expected)
+        if missing:
+            problems.append(f"missing arrays {missing}")
+        if extra:
+            problems.append(f"unexpected arrays {extra}")
+        if problems:
+            raise CheckpointError(f"{path} does not fit model {target.name!r}: " + "; ".join(problems))
+        built["model"] = target
+
+    arrays, meta = load_npz(path, check=check)
+    model = built["model"]
     model_arrays = {k: v for k, v in arrays.items() if k.startswith(("param/", "buffer/"))}
     optim_arrays = {k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")}
+    bad = non_finite_arrays({k: v for k, v in arrays.items() if k.startswith(("param/", "buffer/", "optim/"))})
+    if bad:  # save_checkpoint never writes these: the file was damaged or crafted
+        raise CheckpointError(f"{path}: {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} hold NaN or infinite "
+                              "values; predictions from it would be meaningless")
     if optimizer is not None and not optim_arrays:
         raise CheckpointError(f"{path}: holds no optimiser state, so training cannot resume from it")
     backup = {k: v.copy() for k, v in model.state_arrays().items()}
@@ -110,6 +167,53 @@ def load_checkpoint(path, model=None, optimizer=None, schedule=None):
         model.load_state_arrays(backup)  # leave the model as it was
         raise CheckpointError(f"{path}: optimiser or schedule state does not fit: {exc}") from None
     return model, arrays, meta
+
+
+def _rebuild_model(path, meta):
+    """The zoo model a checkpoint's meta names, after checking its configuration is one a zoo builder accepts."""
+    from .models import MODELS, build_model  # noqa: PLC0415  (models import training lazily)
+
+    info = meta.get("model") or {"name": meta.get("name"), "config": meta.get("config", {})}
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: its model record {info!r} is not an object")
+    name, config = info.get("name"), info.get("config") or {}
+    if name not in MODELS:
+        raise CheckpointError(f"{path}: unknown model {name!r}: the zoo has {sorted(MODELS)}")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: model configuration {config!r} is not an object")
+    accepted = inspect.signature(MODELS[name]).parameters
+    for key, value in config.items():
+        if key not in accepted:
+            raise CheckpointError(f"{path}: model {name!r} has no option {key!r} (it takes {sorted(accepted)})")
+        problem = _config_value_problem(value)
+        if problem:
+            raise CheckpointError(f"{path}: model option {key}={value!r} {problem}")
+    try:
+        return build_model(name, **config)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: cannot rebuild its model {info!r}: {exc}") from None
+
+
+# A bound on every size in a model configuration, so that a crafted checkpoint cannot make
+# build_model allocate gigabytes before its arrays are compared with the model's.
+_MAX_CONFIG_INT = 4096
+
+
+def _config_value_problem(value):
+    """Why ``value`` cannot be a zoo model option, or None: small positive ints, fractions, short lists of ints."""
+    if isinstance(value, bool):
+        return "is a boolean, expected a number"
+    if isinstance(value, numbers.Integral):
+        return None if 1 <= value <= _MAX_CONFIG_INT else f"is outside 1..{_MAX_CONFIG_INT}"
+    if isinstance(value, float):
+        return None if math.isfinite(value) and 0.0 <= value < 1.0 else "is not a fraction in [0, 1)"
+    if isinstance(value, (list, tuple)):
+        if not 1 <= len(value) <= 16:
+            return "must list 1 to 16 sizes"
+        bad = [v for v in value if isinstance(v, bool) or not isinstance(v, numbers.Integral)
+               or not 1 <= v <= _MAX_CONFIG_INT]
+        return f"lists {bad[0]!r}, expected integers in 1..{_MAX_CONFIG_INT}" if bad else None
+    return f"has type {type(value).__name__}, expected a number or a list of integers"
 
 
 def export_for_inference(src, dst, dtype=np.float32):
@@ -161,6 +265,8 @@ class Trainer:
         self.extra_meta, self.extra_arrays = dict(extra_meta or {}), dict(extra_arrays or {})
         self.history: list[dict] = []
         self.epoch = 0  # epochs completed
+        self.saved_epoch = None  # the epoch out_dir/last.npz holds (None: not written by this Trainer)
+        self.best_saved_epoch = None  # the epoch out_dir/best.npz holds
         self.interrupted = False
         self.stopped_early = False
 
@@ -174,13 +280,39 @@ class Trainer:
                                               **self.extra_meta}, self.extra_arrays)
 
     def _write_history(self):
+        # Atomic like the checkpoints (a kill never leaves half a file); NaN is written as null / empty.
         if self.out_dir is None or not self.history:
             return
-        (self.out_dir / "history.json").write_text(json.dumps(_jsonable(self.history), indent=1))
-        with open(self.out_dir / "history.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(self.history[0]))
-            writer.writeheader()
-            writer.writerows(self.history)
+        write_json(self.out_dir / "history.json", _jsonable(self.history))
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, fieldnames=list(self.history[0]))
+        writer.writeheader()
+        writer.writerows([{k: (v if not (isinstance(v, float) and not math.isfinite(v)) else "") for k, v in h.items()}
+                          for h in self.history])
+        write_text(self.out_dir / "history.csv", buf.getvalue())
+
+    def _check_finite(self, epoch, val_loss):
+        """Raise TrainingDiverged (before anything is saved) on a non-finite validation loss, weight or statistic."""
+        problems = []
+        if val_loss is not None and not math.isfinite(val_loss):
+            problems.append(f"the validation loss is {val_loss}")
+        bad = non_finite_arrays(self.model.state_arrays())
+        if bad:
+            problems.append(f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} hold NaN or infinite values")
+        if problems:
+            raise TrainingDiverged(f"training diverged in epoch {epoch}: {'; '.join(problems)}; "
+                                   f"try a lower learning rate or --clip-norm. {self.last_good()}")
+
+    def last_good(self) -> str:
+        """Which files hold the last state written (the truth, whatever happened since)."""
+        if self.out_dir is None:
+            return "No checkpoint was written (no out_dir)."
+        if self.saved_epoch is None:
+            return f"No checkpoint was written to {self.out_dir}."
+        text = f"The last good checkpoint is {self.out_dir / 'last.npz'} (after epoch {self.saved_epoch})"
+        if self.best_saved_epoch is not None:
+            text += f"; the best is {self.out_dir / 'best.npz'} (epoch {self.best_saved_epoch})"
+        return text + "."
 
     def resume(self, path=None):
         """Continue from ``path`` (default ``out_dir/last.npz``): weights, optimiser, schedule, history, epoch."""
@@ -195,31 +327,58 @@ class Trainer:
                                   f"this run has stream_offset {self.stream_offset}")
         self.epoch = int(meta["epoch"])
         self.history = list(meta.get("history", []))
+        self.saved_epoch = self.epoch
         return meta
 
     # -- the loop -----------------------------------------------------------------------
+    def _epoch_seed(self, epoch):
+        return (self.seed * 1_000_003 + self.stream_offset + epoch) % (2**32 - 1)
+
     def _reseed(self, epoch):
-        epoch_seed = (self.seed * 1_000_003 + self.stream_offset + epoch) % (2**32 - 1)
+        epoch_seed = self._epoch_seed(epoch)
         backend.seed(epoch_seed)
         if self.augmenter is not None and hasattr(self.augmenter, "reseed"):
             self.augmenter.reseed(epoch_seed + 1)
 
+    # -- what a data-parallel trainer changes (minicnn.distributed.DistributedTrainer) ---
+    def _shuffle(self, xp, n, epoch):
+        """The order in which epoch ``epoch`` visits the ``n`` training images."""
+        return backend.random_state(xp).permutation(n)
+
+    def _local_part(self, idx):
+        """The part of a global batch (indices ``idx``) that this process trains on: all of it."""
+        return idx
+
+    def _train_step(self, xb, yb, global_batch):
+        """Forward, loss, backward, clipping and update on one batch; returns (loss, logits) on the device."""
+        logits = self.model.forward(xb, training=True)
+        loss = self.loss_fn.forward(logits, yb)
+        self.model.backward(self.loss_fn.backward())
+        if self.clip_norm:
+            clip_grad_norm(self.model.grads, self.clip_norm)
+        self.optimizer.step()
+        return loss, logits
+
+    def _sum_across_processes(self, *values):
+        """Totals of per-process counters over all processes: here, the values themselves."""
+        return values
+
     def evaluate(self, x, y, batch_size=512):
         """(mean loss, accuracy) in evaluation mode; x, y on host or device."""
-        xp = backend.get_xp()
+        xp = backend.module_of(self.model)  # the model's device, whatever the active backend
         total_loss, correct, n = xp.zeros((), dtype=np.float64), xp.zeros((), dtype=np.int64), len(y)
         for start in range(0, n, batch_size):
-            xb = backend.to_device(x[start : start + batch_size], dtype=self.model.dtype)
-            yb = backend.to_device(y[start : start + batch_size])
+            xb = backend.to_array_module(x[start : start + batch_size], xp, dtype=self.model.dtype)
+            yb = backend.to_array_module(y[start : start + batch_size], xp)
             logits = self.model.forward(xb, training=False)
             total_loss += self.loss_fn.forward(logits, yb) * len(yb)
             correct += (logits.argmax(axis=1) == yb).sum()
         return float(total_loss) / max(n, 1), float(correct) / max(n, 1)
 
     def _epoch(self, x, y, epoch, epochs):
-        xp = backend.get_xp()
+        xp = backend.module_of(self.model)
         n = len(y)
-        order = backend.random_state(xp).permutation(n)
+        order = self._shuffle(xp, n, epoch)
         steps = math.ceil(n / self.batch_size)
         loss_sum, correct = xp.zeros((), dtype=np.float64), xp.zeros((), dtype=np.int64)
         bar = None
@@ -233,34 +392,32 @@ class Trainer:
         start_time, seen = time.perf_counter(), 0
         for step in range(steps):
             idx = order[step * self.batch_size : (step + 1) * self.batch_size]
+            global_batch = len(idx)
+            idx = self._local_part(idx)
             xb, yb = x[idx], y[idx]
             if self.augmenter is not None:
                 xb = self.augmenter(xb, training=True)
-            logits = self.model.forward(xb, training=True)
-            loss = self.loss_fn.forward(logits, yb)
-            self.model.backward(self.loss_fn.backward())
-            if self.clip_norm:
-                clip_grad_norm(self.model.grads, self.clip_norm)
-            self.optimizer.step()
+            loss, logits = self._train_step(xb, yb, global_batch)
             loss_sum += loss * len(idx)
             correct += (logits.argmax(axis=1) == yb).sum()
             seen += len(idx)
             if (step + 1) % self.log_every == 0 or step + 1 == steps:
-                running = float(loss_sum) / seen  # the only host sync of the loop
+                # the only host sync of the loop (with several processes, one small allreduce too)
+                loss_seen, correct_seen, seen_all = self._sum_across_processes(loss_sum, correct, seen)
+                running = float(loss_seen) / seen_all
                 if not math.isfinite(running):
                     raise TrainingDiverged(
                         f"the training loss became {running} in epoch {epoch + 1}, step {step + 1}; "
-                        f"try a lower learning rate or --clip-norm. The last good checkpoint is "
-                        f"{self.out_dir / 'last.npz' if self.out_dir else '(none: no out_dir)'}"
+                        f"try a lower learning rate or --clip-norm. {self.last_good()}"
                     )
                 if bar is not None:
-                    bar.update(seen - bar.n)
-                    bar.set_postfix(loss=f"{running:.4f}", acc=f"{float(correct) / seen:.4f}",
-                                    img_s=f"{seen / (time.perf_counter() - start_time):.0f}")
+                    bar.update(seen_all - bar.n)
+                    bar.set_postfix(loss=f"{running:.4f}", acc=f"{float(correct_seen) / seen_all:.4f}",
+                                    img_s=f"{seen_all / (time.perf_counter() - start_time):.0f}")
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - start_time
-        return float(loss_sum) / n, float(correct) / n, elapsed
+        return float(loss_seen) / n, float(correct_seen) / n, elapsed
 
     def fit(self, x_train, y_train, x_val=None, y_val=None, epochs=10, resume=False, log=print):
         """Train until ``epochs`` epochs are completed (counting those of a resumed run).
@@ -268,24 +425,47 @@ class Trainer:
         Returns the history: one dict per epoch with train/val loss and accuracy,
         learning rate, seconds and images per second.
         """
+        given_y_train, given_y_val = y_train, y_val  # device labels stay where they are (no round trip)
+        y_train = self._check_labels("y_train", x_train, y_train)
+        has_val = x_val is not None and len(x_val) > 0
+        if has_val:
+            y_val = self._check_labels("y_val", x_val, y_val)
+        elif y_val is not None and len(y_val) > 0:
+            raise ValueError(f"Trainer.fit: y_val has {len(y_val)} labels but x_val holds no inputs")
+        if len(y_train):
+            # Labels beyond the network's outputs: checked once here, as the loss cannot on a device without a
+            # host sync per step (one evaluation-mode forward of one input tells the number of classes).
+            first = backend.to_array_module(x_train[:1], backend.module_of(self.model), dtype=self.model.dtype)
+            k = self.model.forward(first, training=False).shape[-1]
+            for name, labels in (("y_train", y_train), ("y_val", y_val if has_val else None)):
+                if labels is not None and len(labels) and labels.max() >= k:
+                    raise ValueError(f"Trainer.fit: {name} holds label {int(labels.max())} but the network has "
+                                     f"{k} outputs (classes 0..{k - 1})")
+        if self.out_dir is not None:
+            removed = clean_orphaned_tmp(self.out_dir, RUN_FILES)
+            if removed:
+                log(f"removed {len(removed)} temporary file(s) left by an interrupted write: "
+                    + ", ".join(p.name for p in removed))
         if resume:
             self.resume()
             log(f"resumed from {self.out_dir / 'last.npz'} after epoch {self.epoch}")
-        x = backend.to_device(x_train, dtype=self.model.dtype)
-        y = backend.to_device(np.asarray(y_train, dtype=np.int64))
-        has_val = x_val is not None and len(x_val) > 0
+        xp = backend.module_of(self.model)  # data go to the model's device, once
+        x = backend.to_array_module(x_train, xp, dtype=self.model.dtype)
+        y = backend.to_array_module(_same_or_checked(given_y_train, y_train, xp), xp).astype(np.int64, copy=False)
         if has_val:
-            x_val = backend.to_device(x_val, dtype=self.model.dtype)
-            y_val = backend.to_device(np.asarray(y_val, dtype=np.int64))
+            x_val = backend.to_array_module(x_val, xp, dtype=self.model.dtype)
+            y_val = backend.to_array_module(_same_or_checked(given_y_val, y_val, xp), xp).astype(np.int64, copy=False)
         # The best validation accuracy so far and the first epoch that reached it.
         scored = [h for h in self.history if h.get("val_acc") is not None]
         best = max((h["val_acc"] for h in scored), default=-1.0)
         best_epoch = min((h["epoch"] for h in scored if h["val_acc"] == best), default=0)
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if not resume:
-                self._save("last.npz")  # a resumable state exists from the very start
+        previous_sigterm = _catch_sigterm()
         try:
+            if self.out_dir is not None and not resume:
+                self._save("last.npz")  # a resumable state exists from the very start
+                self.saved_epoch = self.epoch
             while self.epoch < epochs:
                 e = self.epoch
                 self._reseed(e)
@@ -299,13 +479,16 @@ class Trainer:
                        "val_loss": None if val_loss is None else round(val_loss, 6),
                        "val_acc": None if val_acc is None else round(val_acc, 6),
                        "lr": lr, "seconds": round(seconds, 3), "img_per_s": round(len(y) / seconds, 1)}
+                self._check_finite(self.epoch, val_loss)  # nothing non-finite is ever saved
                 self.history.append(row)
                 improved = has_val and row["val_acc"] > best
                 if improved:
                     best, best_epoch = row["val_acc"], self.epoch
                 self._save("last.npz")
+                self.saved_epoch = self.epoch
                 if improved:
                     self._save("best.npz")
+                    self.best_saved_epoch = self.epoch
                 self._write_history()
                 log(f"epoch {self.epoch}/{epochs}: train loss {train_loss:.4f} acc {train_acc:.4f}"
                     + (f" | val loss {val_loss:.4f} acc {val_acc:.4f}{' *' if improved else ''}" if has_val else "")
@@ -318,7 +501,60 @@ class Trainer:
                         break
         except KeyboardInterrupt:
             self.interrupted = True
-            where = self.out_dir / "last.npz" if self.out_dir else None
-            log(f"\ninterrupted during epoch {self.epoch + 1}; {where or 'no checkpoint'} holds the state after "
-                f"epoch {self.epoch}" + (": run again with --resume to continue" if where else ""))
+            if self.out_dir is None:
+                log(f"\ninterrupted in epoch {self.epoch + 1}; no checkpoint was written (no out_dir)")
+            elif self.saved_epoch is None:
+                log(f"\ninterrupted before {self.out_dir / 'last.npz'} was written: there is nothing to resume")
+            else:
+                # saved_epoch, not self.epoch: the interrupt may have come between an epoch's end and its save.
+                when = (f"during epoch {self.epoch + 1}" if self.epoch == self.saved_epoch
+                        else f"after epoch {self.epoch} but before it was saved")
+                log(f"\ninterrupted {when}; {self.out_dir / 'last.npz'} holds the state after epoch "
+                    f"{self.saved_epoch}: run again with --resume to continue")
+        finally:
+            _restore_sigterm(previous_sigterm)
         return self.history
+
+    def _check_labels(self, name, x, y):
+        """``y`` as host int64 after checking it is integer, one per input and not negative."""
+        y_host = backend.to_host(y) if not isinstance(y, (list, tuple)) else np.asarray(y)
+        y_host = np.asarray(y_host)
+        if y_host.ndim != 1:
+            raise ValueError(f"Trainer.fit: {name} must be a 1-D array of class indices, got shape {y_host.shape}")
+        if len(y_host) != len(x):
+            raise ValueError(f"Trainer.fit: {len(x)} inputs but {len(y_host)} labels in {name}: they must match")
+        if len(y_host) and y_host.dtype.kind not in "iu":
+            raise ValueError(f"Trainer.fit: {name} must hold integer class indices, got dtype {y_host.dtype}")
+        y_host = y_host.astype(np.int64, copy=False)
+        if len(y_host) and y_host.min() < 0:
+            raise ValueError(f"Trainer.fit: {name} holds label {int(y_host.min())}: class indices start at 0")
+        return y_host
+
+
+def _same_or_checked(given, checked, xp):
+    """The labels as given when they already live on the model's device (checked on a host copy), else the copy."""
+    if hasattr(given, "dtype") and backend.get_array_module(given) is xp and xp is not np:
+        return given
+    return checked
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _catch_sigterm():
+    """Make SIGTERM (what job schedulers send) stop training like Ctrl-C; returns what to restore.
+
+    Only in the main thread (where Python runs signal handlers), and only when
+    nobody installed a SIGTERM handler of their own.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _restore_sigterm(previous):
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)

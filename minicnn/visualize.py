@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import get_array_module, to_device, to_host
+from .backend import get_array_module, module_of, to_array_module, to_host
 from .layers.activations import LeakyReLU, ReLU
 from .layers.base import Container
 from .layers.conv import Conv2D
@@ -260,7 +260,7 @@ def saliency_maps(model, x, classes=None, batch_size: int = 64) -> np.ndarray:
             raise ValueError(f"saliency_maps: got {classes.size} classes for {n} images")
     out = []
     for start in range(0, n, batch_size):
-        xb = to_device(x[start : start + batch_size], dtype=model.dtype)
+        xb = to_array_module(x[start : start + batch_size], module_of(model), dtype=model.dtype)
         scores = model.forward(xb, training=False)
         xp = get_array_module(scores)
         if classes is None:
@@ -438,7 +438,7 @@ def top_activations(model, x, layer_index=None, top_k: int = 6, keep_maps: int =
     scores, maps = [], []
     kept = 0
     for start in range(0, len(x), batch_size):
-        h = to_device(x[start : start + batch_size], dtype=model.dtype)
+        h = to_array_module(x[start : start + batch_size], module_of(model), dtype=model.dtype)
         for layer in model.layers[: layer_index + 1]:
             h = layer.forward(h, training=False)
         if h.ndim != 4:

@@ -1,9 +1,32 @@
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import minicnn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the CuPy stand-in, tests/fakecupy.py
+import fakecupy  # noqa: E402
+
+# Which CuPy the GPU-marked tests use: "auto" (the real one where it sees a GPU, else the stand-in),
+# "cupy" (the real one, or fail: benchmarks/gpu_suite.sh sets this) or "fake" (the stand-in).
+DEVICE = os.environ.get("MINICNN_TEST_DEVICE", "auto")
+if DEVICE not in ("auto", "cupy", "fake"):
+    raise pytest.UsageError(f"MINICNN_TEST_DEVICE must be auto, cupy or fake, got {DEVICE!r}")
+
+
+def _real_cupy():
+    """The installed CuPy if it imports and sees a GPU, else None (never the stand-in)."""
+    if sys.modules.get("cupy") is fakecupy:
+        return None
+    try:
+        return minicnn.backend._import_cupy()
+    except minicnn.backend.BackendUnavailableError as exc:
+        if DEVICE == "cupy":
+            pytest.fail(f"MINICNN_TEST_DEVICE=cupy, but CuPy is not usable here: {exc}")
+        return None
 
 
 @pytest.fixture(autouse=True)
@@ -14,6 +37,25 @@ def _fresh_backend_state():
     minicnn.seed(0)
     yield
     minicnn.set_default_dtype("float32")
+
+
+@pytest.fixture
+def cupy(monkeypatch):
+    """The device array module for GPU-marked tests: real CuPy on a GPU, else the strict stand-in."""
+    real = None if DEVICE == "fake" else _real_cupy()
+    if real is not None:
+        yield real
+        real.get_default_memory_pool().free_all_blocks()
+        return
+    fakecupy.ledger.reset()
+    yield fakecupy.install(monkeypatch)
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    """Always the stand-in (tests that read its ledger of launches, syncs and copies)."""
+    fakecupy.ledger.reset()
+    return fakecupy.install(monkeypatch)
 
 
 @pytest.fixture

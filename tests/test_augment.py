@@ -6,26 +6,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minicnn.backend import cupy_available
 from minicnn.data import Augmenter
 from minicnn.data.augment import affine_warp, integer_shift
 
-BACKENDS = [
-    "numpy",
-    pytest.param(
-        "cupy",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not cupy_available(), reason="needs CuPy and a CUDA device")],
-    ),
-]
+BACKENDS = ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)]
 
 
 @pytest.fixture(params=BACKENDS)
 def xp(request):
-    if request.param == "numpy":
-        return np
-    import cupy
-
-    return cupy
+    """NumPy, and CuPy: the real one on a GPU, else the strict stand-in (tests/fakecupy.py)."""
+    return np if request.param == "numpy" else request.getfixturevalue("cupy")
 
 
 def batch(xp, n=6, c=1, h=12, w=12, seed=0, dtype=np.float32):

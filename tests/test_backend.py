@@ -3,14 +3,17 @@ import numpy as np
 import pytest
 
 import minicnn
-from minicnn import backend, initializers
+from minicnn import backend, initializers, kernels
 
 
 def test_numpy_is_the_default_and_import_never_needs_cupy():
+    import subprocess
     import sys
 
     assert minicnn.get_backend() == "numpy" and minicnn.get_xp() is np
-    assert "cupy" not in sys.modules or backend.cupy_available()
+    # In a fresh interpreter: other tests here may have imported CuPy (or its stand-in) on purpose.
+    code = "import sys, minicnn; minicnn.build_model('hw3_cnn'); assert 'cupy' not in sys.modules, 'cupy imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_unknown_backend_is_rejected_with_the_choices():
@@ -18,11 +21,56 @@ def test_unknown_backend_is_rejected_with_the_choices():
         minicnn.set_backend("jax")
 
 
-@pytest.mark.skipif(backend.cupy_available(), reason="CuPy and a GPU are present here")
-def test_asking_for_missing_cupy_says_how_to_install_it():
-    with pytest.raises(backend.BackendUnavailableError, match="pip install"):
+def test_asking_for_missing_cupy_says_how_to_install_it_from_the_checkout(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cupy", None)  # "not installed", whatever this machine has
+    with pytest.raises(backend.BackendUnavailableError, match="not installed") as info:
         minicnn.set_backend("cupy")
+    message = str(info.value)
+    assert "pip install -e '.[gpu]'" in message and "cupy-cuda12x[ctk]" in message
+    assert "minicnn[" not in message  # another, unrelated package is called minicnn on PyPI
     assert minicnn.get_backend() == "numpy"  # a failed switch changes nothing
+    assert not backend.cupy_available()
+
+
+def test_cupy_without_a_usable_gpu_fails_at_set_backend_saying_so(fake_cupy, monkeypatch):
+    monkeypatch.setattr(fake_cupy, "DEVICE_COUNT", 0)
+    with pytest.raises(backend.BackendUnavailableError, match="no CUDA device is usable.*nvidia-smi"):
+        minicnn.set_backend("cupy")
+    assert minicnn.get_backend() == "numpy" and not backend.cupy_available()
+
+
+@pytest.mark.parametrize("broken,library", [("matmul", "cuBLAS"), ("random", "cuRAND"), ("kernel", "NVRTC")])
+def test_cupy_without_its_cuda_libraries_fails_at_set_backend_naming_the_library(fake_cupy, monkeypatch, broken,
+                                                                                  library):
+    """A plain cupy-cuda12x wheel on a machine without a CUDA toolkit: the probe fails, not mid-training."""
+    def missing(*args, **kwargs):
+        raise RuntimeError("libXXX.so.12: cannot open shared object file")
+
+    monkeypatch.setattr(backend, "_probed", set())
+    monkeypatch.setattr(kernels, "_compiled", {})  # no kernel compiled by an earlier test
+    if broken == "matmul":
+        monkeypatch.setattr(fake_cupy.ndarray, "__matmul__", missing)
+    elif broken == "random":
+        monkeypatch.setattr(fake_cupy.random, "RandomState", missing)
+    else:
+        monkeypatch.setattr(fake_cupy, "ElementwiseKernel", missing)
+    with pytest.raises(backend.BackendUnavailableError, match=f"{library}.*cannot open.*cupy-cuda12x\\[ctk\\]"):
+        minicnn.set_backend("cupy")
+    assert minicnn.get_backend() == "numpy"
+
+
+def test_the_stand_in_passes_the_probe_and_becomes_the_backend(fake_cupy):
+    assert minicnn.set_backend("cupy") is fake_cupy and backend.cupy_available()
+    assert isinstance(minicnn.build_model("hw3_dnn").params["1.W"], fake_cupy.ndarray)
+
+
+@pytest.mark.skipif(not backend.cupy_importable(), reason="CuPy is not installed here")
+@pytest.mark.skipif(backend.cupy_available(), reason="CuPy sees a usable GPU here")
+def test_real_cupy_without_a_gpu_is_refused_with_the_reason():
+    with pytest.raises(backend.BackendUnavailableError, match="no CUDA device"):
+        minicnn.set_backend("cupy")
 
 
 def test_to_device_and_to_host_round_trip():

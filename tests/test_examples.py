@@ -409,7 +409,7 @@ def fine_tune_argv(data, init, out, *extra):
             "--no-progress", "--no-test", *extra]
 
 
-def test_init_from_starts_a_new_run_from_the_checkpoint_weights(fer_run, tmp_path, capsys, cache_env):
+def test_init_from_starts_a_new_run_from_the_checkpoint_weights(fer_run, tmp_path, capsys, cache_env, monkeypatch):
     data, run = fer_run
     out = tmp_path / "phase2"
     # A copy of the checkpoint with other normalisation statistics than this run's data would give: the new
@@ -417,9 +417,13 @@ def test_init_from_starts_a_new_run_from_the_checkpoint_weights(fer_run, tmp_pat
     arrays, meta = load_npz(run / "best.npz")
     arrays = {k: (v * 1.5 + 1 if k.startswith("data/norm/") and v.dtype.kind == "f" else v) for k, v in arrays.items()}
     save_npz(tmp_path / "init.npz", arrays, meta)
-    # --epochs 0: nothing is trained, so last.npz holds exactly the state the new run starts from.
-    rc = train_script.main(fine_tune_argv(data, tmp_path / "init.npz", out, "--epochs", "0", "--lr", "1e-4"))
-    assert rc == 0
+    # Interrupted in its first epoch: nothing is trained, so last.npz holds exactly the state the new run starts from.
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as mp:
+        mp.setattr(minicnn.training.Trainer, "_epoch", interrupt)
+        rc = train_script.main(fine_tune_argv(data, tmp_path / "init.npz", out, "--epochs", "1", "--lr", "1e-4"))
+    assert rc == 130
     capsys.readouterr()
     start, start_arrays, start_meta = minicnn.training.load_checkpoint(out / "last.npz")
     init, init_arrays, init_meta = minicnn.training.load_checkpoint(tmp_path / "init.npz")
@@ -435,8 +439,8 @@ def test_init_from_starts_a_new_run_from_the_checkpoint_weights(fer_run, tmp_pat
     assert start_meta["init"]["epoch"] == init_meta["epoch"] == 1
     assert [h["epoch"] for h in start_meta["init"]["epochs_before"]] == [1]
 
-    # One epoch of the second phase trains and counts from 1 again.
-    rc = train_script.main(fine_tune_argv(data, run / "best.npz", out, "--epochs", "1"))
+    # One epoch of the second phase trains and counts from 1 again (--overwrite: out holds the interrupted run).
+    rc = train_script.main(fine_tune_argv(data, run / "best.npz", out, "--epochs", "1", "--overwrite"))
     assert rc == 0
     after, _, after_meta = minicnn.training.load_checkpoint(out / "last.npz")
     assert after_meta["epoch"] == 1 and [h["epoch"] for h in after_meta["history"]] == [1]
@@ -463,8 +467,9 @@ def test_init_from_draws_fresh_streams_and_a_resumed_phase_ends_identically(fer_
     full, split = tmp_path / "full", tmp_path / "split"
     assert train_script.main(fine_tune_argv(data, init, full, "--epochs", "2", "--schedule", "none")) == 0
     assert train_script.main(fine_tune_argv(data, init, split, "--epochs", "1", "--schedule", "none")) == 0
-    assert train_script.main(["--data", str(data), "--out", str(split), "--resume", "--epochs", "2", "--schedule",
-                              "none", "--limit", "64", "--batch-size", "16", "--no-progress", "--no-test"]) == 0
+    # The resumed phase needs neither its arguments again nor the file it was initialised from.
+    init.rename(tmp_path / "moved.npz")
+    assert train_script.main(["--out", str(split), "--resume", "--epochs", "2", "--no-progress", "--no-test"]) == 0
     capsys.readouterr()
     a, _, meta_a = minicnn.training.load_checkpoint(full / "last.npz")
     b, arrays_b, meta_b = minicnn.training.load_checkpoint(split / "last.npz")
@@ -501,21 +506,263 @@ def test_full_history_numbers_the_epochs_of_chained_phases():
     (["--seed", "1"], "--seed 0 there, 1 here"),
     (["--val-fraction", "0.2"], "--val-fraction"),
     (["--classes", "6"], "classes"),
-    (["--resume"], "give one of them"),
 ])
-def test_init_from_refuses_what_does_not_fit(fer_run, tmp_path, cache_env, extra, message):
+def test_init_from_refuses_what_does_not_fit(fer_run, tmp_path, cache_env, capsys, extra, message):
     data, run = fer_run
-    with pytest.raises(SystemExit) as exc:
-        train_script.main(fine_tune_argv(data, run / "best.npz", tmp_path / "out", "--epochs", "1", *extra))
-    assert message in str(exc.value) and "--init-from" in str(exc.value)
+    rc, _, err = run_main(train_script, fine_tune_argv(data, run / "best.npz", tmp_path / "out", "--epochs", "1",
+                                                       *extra), capsys)
+    assert rc == 2 and err.startswith("error: --init-from") and message in err
     assert not (tmp_path / "out" / "last.npz").exists()
 
 
-def test_init_from_a_missing_or_foreign_file_names_it(fer_run, tmp_path, cache_env):
+def test_init_from_and_resume_together_is_a_flag_error(fer_run, tmp_path, capsys):
+    data, run = fer_run
+    with pytest.raises(SystemExit) as exc:
+        train_script.main(fine_tune_argv(data, run / "best.npz", tmp_path / "out", "--resume"))
+    assert exc.value.code == 2 and "give one of them" in capsys.readouterr().err
+
+
+def test_init_from_a_missing_or_foreign_file_names_it(fer_run, tmp_path, cache_env, capsys):
     data, _ = fer_run
     for path in (tmp_path / "nope.npz", tmp_path / "plain.npz"):
         if path.name == "plain.npz":
             np.savez(path, x=np.zeros(3))
-        with pytest.raises(SystemExit) as exc:
-            train_script.main(fine_tune_argv(data, path, tmp_path / "out", "--epochs", "1"))
-        assert str(path) in str(exc.value)
+        rc, _, err = run_main(train_script, fine_tune_argv(data, path, tmp_path / "out", "--epochs", "1"), capsys)
+        assert rc == 2 and str(path) in err and err.startswith("error:")
+
+
+# --------------------------------------------------------------------------- train.py robustness (issue 10)
+
+
+def train_argv(data, out, *extra):
+    return ["--data", str(data), "--out", str(out), "--epochs", "1", "--limit", "64", "--batch-size", "16",
+            "--no-progress", "--no-test", *extra]
+
+
+def test_train_refuses_a_non_empty_run_folder_unless_overwrite(fer_run, tmp_path, capsys, cache_env):
+    data, run = fer_run
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    rc, _, err = run_main(train_script, train_argv(data, run), capsys)
+    assert rc == 2 and err.startswith(f"error: --out {run}: the folder is not empty")
+    assert "--resume" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # the previous run is untouched
+
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name, content in before.items():
+        (copy / name).write_bytes(content)
+    (copy / "best.npz").write_bytes(b"a stale best epoch of the previous run")
+    # A run refused for another reason (here its data) leaves the previous run as it was.
+    rc, _, err = run_main(train_script, train_argv(tmp_path / "nowhere", copy, "--overwrite"), capsys)
+    assert rc == 2 and sorted(p.name for p in copy.iterdir()) == sorted(before)
+    rc, _, err = run_main(train_script, train_argv(data, copy, "--overwrite", "--seed", "3"), capsys)
+    assert rc == 0, err
+    assert minicnn.training.load_checkpoint(copy / "best.npz")[2]["args"]["seed"] == 3  # the new run's
+    assert not (copy / "test_metrics.json").exists()  # the old run's metrics are gone (--no-test here)
+
+
+def test_resume_needs_only_out_and_refuses_other_arguments(fer_run, tmp_path, capsys, cache_env):
+    data, _ = fer_run
+    out = tmp_path / "run"
+    assert run_main(train_script, train_argv(data, out, "--lr", "0.002", "--augment", "none"), capsys)[0] == 0
+    for extra, message in [(["--lr", "0.01"], "--lr 0.01 here, 0.002 in the run"),
+                           (["--model", "hw3_dnn"], "--model hw3_dnn here, hw3_cnn in the run"),
+                           (["--limit", "32"], "--limit 32 here, 64 in the run"),
+                           (["--batch-size", "8"], "--batch-size 8 here, 16 in the run"),
+                           (["--augment", "hw3"], "--augment hw3 here, none in the run"),
+                           (["--normalize", "mean_std"], "--normalize mean_std here, per_pixel in the run")]:
+        rc, _, err = run_main(train_script, ["--out", str(out), "--resume", *extra], capsys)
+        assert rc == 2 and err.startswith(f"error: --resume: {out / 'last.npz'} was started with other arguments")
+        assert message in err, err
+    assert minicnn.training.load_checkpoint(out / "last.npz")[2]["epoch"] == 1  # nothing was trained
+    # Only --out (and a longer --epochs): the run's own arguments, data path included, are used.
+    rc, stdout, err = run_main(train_script, ["--out", str(out), "--resume", "--epochs", "2", "--no-progress"], capsys)
+    assert rc == 0, err
+    _, _, meta = minicnn.training.load_checkpoint(out / "last.npz")
+    assert meta["epoch"] == 2 and meta["args"]["lr"] == 0.002 and meta["args"]["augment"] == "none"
+    assert meta["args"]["limit"] == 64 and (out / "test_metrics.json").is_file()  # --no-test was not kept
+
+    rc, _, err = run_main(train_script, ["--out", str(tmp_path / "empty"), "--resume"], capsys)
+    assert rc == 2 and "no run to resume" in err
+
+
+def write_csv_copy(data, path, seed=0, change_one=False):
+    """The data set of folder ``data`` as a Kaggle fer2013.csv, rows shuffled (and one training pixel changed)."""
+    ds = load_fer2013(data)
+    order = np.random.default_rng(seed).permutation(len(ds))
+    images = ds.images[order].copy()
+    if change_one:
+        images[int(np.flatnonzero(ds.usage[order] == "Training")[0]), 0, 0] ^= 1
+    lines = ["emotion,pixels,Usage"] + [f"{lab},{' '.join(map(str, img.ravel()))},{u}"
+                                        for img, lab, u in zip(images, ds.labels[order], ds.usage[order])]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_the_split_is_keyed_on_content_and_checked_against_the_fingerprint(fer_run, tmp_path, capsys, cache_env):
+    data, run = fer_run
+    ckpt = str(run / "best.npz")
+    meta = minicnn.training.load_checkpoint(ckpt)[2]
+    assert meta["data_fingerprint"]["split_method"] == "content"
+    assert meta["data_fingerprint"]["val"]["images"] == 7
+    results = []
+    for source in (data, write_csv_copy(data, tmp_path / "shuffled.csv")):
+        rc, out, err = run_main(evaluate_script, ["--checkpoint", ckpt, "--data", str(source), "--split", "val"], capsys)
+        assert rc == 0, err
+        results.append(json.loads(out))
+    # The same images in another order and layout: the same validation set, the same numbers.
+    assert results[0]["split_verified"] is True and results[1]["split_verified"] is True
+    assert results[1]["accuracy"] == results[0]["accuracy"] and results[1]["loss"] == pytest.approx(results[0]["loss"])
+
+    other = write_csv_copy(data, tmp_path / "other.csv", change_one=True)
+    for split in ("val", "train"):
+        rc, out, err = run_main(evaluate_script, ["--checkpoint", ckpt, "--data", str(other), "--split", split], capsys)
+        if rc == 2:
+            break
+    assert rc == 2 and out == "" and f"is not the one {ckpt} was trained and selected on" in err
+    rc, _, err = run_main(train_script, ["--out", str(run), "--resume", "--data", str(other)], capsys)
+    assert rc == 2 and "error: --resume:" in err and "is not the one" in err
+    rc, _, err = run_main(train_script, fine_tune_argv(other, ckpt, tmp_path / "ft", "--epochs", "1"), capsys)
+    assert rc == 2 and "error: --init-from:" in err and "is not the one" in err
+
+
+def test_a_checkpoint_without_fingerprint_gets_its_legacy_split_and_says_so(fer_run, tmp_path, capsys, cache_env):
+    data, run = fer_run
+    arrays, meta = load_npz(run / "best.npz")
+    del meta["data_fingerprint"]
+    legacy = save_npz(tmp_path / "legacy.npz", arrays, meta)
+    rc, out, err = run_main(evaluate_script, ["--checkpoint", str(legacy), "--data", str(data), "--split", "val"],
+                            capsys)
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["split_method"] == "order" and result["split_verified"] is False
+    assert "records no fingerprint" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--limit", "0"], "argument --limit: must be >= 1, got '0'"),
+    (["--limit", "-5"], "argument --limit: must be >= 1"),
+    (["--batch-size", "-5"], "argument --batch-size: must be >= 1"),
+    (["--batch-size", "0"], "argument --batch-size: must be >= 1"),
+    (["--epochs", "0"], "argument --epochs: must be >= 1"),
+    (["--clip-norm", "-1"], "argument --clip-norm: must be > 0"),
+    (["--lr", "0"], "argument --lr: must be > 0"),
+    (["--lr", "inf"], "argument --lr: expected a finite number"),
+    (["--rotation", "nan"], "argument --rotation: expected a finite number"),
+    (["--shift", "1.5"], "argument --shift: must be >= 0 and < 1"),
+    (["--zoom", "1.2", "0.8"], "argument --zoom: LO must not exceed HI"),
+    (["--zoom", "0", "1"], "argument --zoom: must be > 0"),
+    (["--undersample", "foo"], "argument --undersample: expected CLASS:KEEP"),
+    (["--undersample", "joy:0.5"], "unknown class 'joy'"),
+    (["--undersample", "happy:-3"], "must be a count >= 1 or a fraction"),
+    (["--undersample", "happy:2.5"], "must be a whole number"),
+    (["--val-fraction", "1"], "argument --val-fraction: must be > 0 and < 1"),
+    (["--seed", "-1"], "argument --seed: must be >= 0"),
+    (["--momentum", "1.5"], "argument --momentum: must be >= 0 and < 1"),
+    (["--label-smoothing", "1"], "argument --label-smoothing: must be >= 0 and < 1"),
+    (["--gamma", "0"], "argument --gamma: must be > 0 and <= 1"),
+    (["--crop-padding", "30"], "argument --crop-padding: must be >= 0 and <= 23"),
+    (["--early-stopping", "0"], "argument --early-stopping: must be >= 1"),
+    (["--epochs", "ten"], "argument --epochs: expected an integer, got 'ten'"),
+    (["--resume", "--overwrite"], "give one of them"),
+])
+def test_train_validates_every_numeric_flag(flags, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train_script.parse_args(flags)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_train_reports_bad_data_checkpoints_backends_and_disks_as_errors(fer_run, tmp_path, capsys, cache_env,
+                                                                         monkeypatch):
+    data, run = fer_run
+    cases = [(train_argv(tmp_path / "nowhere", tmp_path / "o1"), "error: no data at"),
+             (train_argv(data, tmp_path / "o2", "--init-from", str(data / "train" / "happy" / "Training_3000.png")),
+              "Training_3000.png: not a minicnn .npz file: it is a PNG image"),
+             (train_argv(data, tmp_path / "o3", "--batch-size", "62"), "leave a last batch of one image")]
+    if not minicnn.backend.cupy_available():
+        cases.append((train_argv(data, tmp_path / "o4", "--backend", "cupy"), "error: the 'cupy' backend needs CuPy"))
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    cases.append((train_argv(data, a_file), f"error: --out {a_file}: exists and is not a folder"))
+    broken = tmp_path / "broken"
+    for sub in ("train", "test"):
+        for p in (data / sub).rglob("*.png"):
+            (broken / p.relative_to(data)).parent.mkdir(parents=True, exist_ok=True)
+            (broken / p.relative_to(data)).write_bytes(p.read_bytes())
+    (broken / "train" / "sad" / "Training_4000.png").write_bytes(b"\x89PNG truncated")
+    cases.append((train_argv(broken, tmp_path / "o5"), "Training_4000.png: cannot read image"))
+    for argv, message in cases:
+        rc, _, err = run_main(train_script, argv, capsys)
+        assert rc == 2 and err.startswith("error:") and message in err, (argv, err)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "o6" / "last.npz"))
+    monkeypatch.setattr(minicnn.checkpoint.np, "savez", disk_full)
+    rc, _, err = run_main(train_script, train_argv(data, tmp_path / "o6"), capsys)
+    assert rc == 2 and err.startswith(f"error: {tmp_path / 'o6' / 'last.npz'}: No space left on device")
+    assert not [p for p in (tmp_path / "o6").iterdir() if p.suffix == ".tmp"]
+
+
+def test_train_cli_prints_errors_without_traceback(tmp_path):
+    for argv in (["--epochs", "0"], ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]):
+        proc = subprocess.run([sys.executable, str(EXAMPLES / "train.py"), *argv], capture_output=True, text=True)
+        assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_privatetest_split_in_train_and_evaluate(fer_run, tmp_path, capsys, cache_env):
+    data, run = fer_run
+    rc, _, err = run_main(evaluate_script, ["--checkpoint", str(run / "best.npz"), "--data", str(data),
+                                            "--split", "privatetest"], capsys)
+    assert rc == 2 and "holds no PrivateTest images" in err
+    with_private = tmp_path / "data"
+    for p in data.rglob("*.png"):
+        (with_private / p.relative_to(data)).parent.mkdir(parents=True, exist_ok=True)
+        (with_private / p.relative_to(data)).write_bytes(p.read_bytes())
+    rng = np.random.default_rng(5)
+    for c, name in enumerate(CLASS_NAMES):  # Kaggle-style file names in the train folders
+        for i in range(2):
+            img = (rng.random((48, 48)) * 60 + 30 * c).astype(np.uint8)
+            Image.fromarray(img).save(with_private / "train" / name / f"PrivateTest_{c}{i:03d}.png")
+    rc, out, err = run_main(train_script, train_argv(with_private, tmp_path / "run"), capsys)
+    assert rc == 0, err
+    assert "ignored: 14 PrivateTest images" in out and "--split privatetest" in out
+    rc, out, err = run_main(evaluate_script, ["--checkpoint", str(tmp_path / "run" / "best.npz"), "--data",
+                                              str(with_private), "--split", "privatetest"], capsys)
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["usage"] == "PrivateTest" and result["num_examples"] == 14
+
+
+def test_predict_reads_16_bit_images(fer_run, tmp_path, capsys):
+    _, run = fer_run
+    grey = np.random.default_rng(2).integers(0, 256, (48, 48)).astype(np.uint16)
+    Image.fromarray(grey).convert("L").save(tmp_path / "8.png") if False else \
+        Image.fromarray(grey.astype(np.uint8), "L").save(tmp_path / "8.png")
+    Image.fromarray(grey * 257).save(tmp_path / "16.png")
+    np.testing.assert_array_equal(predict_script.load_image(tmp_path / "16.png"), grey)
+    rc, out, err = run_main(predict_script, [str(tmp_path / "8.png"), str(tmp_path / "16.png"), "--checkpoint",
+                                             str(run / "best.npz"), "--json"], capsys)
+    assert rc == 0, err
+    p8, p16 = (p["probabilities"] for p in json.loads(out)["predictions"])
+    assert p8 == pytest.approx(p16)
+
+
+def test_evaluate_refuses_a_checkpoint_with_non_finite_normalisation(fer_run, tmp_path, capsys):
+    data, run = fer_run
+    arrays, meta = load_npz(run / "best.npz")
+    arrays["data/norm/scale"] = np.array(np.nan)
+    bad = save_npz(tmp_path / "nan_norm.npz", arrays, meta)
+    rc, out, err = run_main(evaluate_script, ["--checkpoint", str(bad), "--data", str(data)], capsys)
+    assert rc == 2 and out == "" and "normalisation statistics (data/norm/) are not finite" in err
+
+
+def test_evaluate_and_precise_bn_report_unwritable_outputs(fer_run, tmp_path, capsys, cache_env):
+    data, run = fer_run
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    rc, _, err = run_main(evaluate_script, ["--checkpoint", str(run / "best.npz"), "--data", str(data),
+                                            "--plots", str(a_file / "plots")], capsys)
+    assert rc == 2 and err.splitlines()[-1].startswith(f"error: --plots {a_file / 'plots'}:")
+    rc, _, err = run_main(precise_bn_script, ["--checkpoint", str(run / "best.npz"), "--data", str(data),
+                                              "--out", str(a_file / "p.npz")], capsys)
+    assert rc == 2 and err.splitlines()[-1].startswith(f"error: --out {a_file / 'p.npz'}:")

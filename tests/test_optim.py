@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minicnn.backend import cupy_available
+from minicnn.backend import get_array_module
 from minicnn.optim import (
     SGD,
     Adam,
@@ -35,7 +35,8 @@ class FakeModel:
     """Like a Container: ``params``/``grads`` are new dicts on every access."""
 
     def __init__(self, params: dict) -> None:
-        self._params = {k: np.array(v, dtype=v.dtype) for k, v in params.items()}
+        # copies on the arrays' own device (np.array of a CuPy array would raise: no implicit conversion)
+        self._params = {k: get_array_module(v).array(v, dtype=v.dtype) for k, v in params.items()}
         self._grads: dict = {}
 
     @property
@@ -173,6 +174,9 @@ def test_rmsprop_matches_torch_hypothesis(lr, alpha, eps, momentum, weight_decay
     (Adam, dict(lr=0.01)),
     (AdamW, dict(lr=0.01, weight_decay=0.1)),
     (RMSprop, dict(lr=0.01, centered=True, momentum=0.9)),
+    (RMSprop, dict(lr=0.01, momentum=0.5, weight_decay=0.1)),
+    (RMSprop, dict(lr=0.01, centered=True, weight_decay=0.1)),
+    (AdamW, dict(lr=0.01, weight_decay=0.1, betas=(0.8, 0.9))),
 ])
 def test_parameters_without_gradient_are_skipped_like_torch(cls, kw):
     # "fc.W" gets no gradient on even steps, "scale" never: its state never starts
@@ -185,6 +189,9 @@ def test_parameters_without_gradient_are_skipped_like_torch(cls, kw):
     (SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
     (Adam, dict(lr=0.01, weight_decay=0.01)),
     (RMSprop, dict(lr=0.01, centered=True, momentum=0.9)),
+    (RMSprop, dict(lr=0.01, momentum=0.5, weight_decay=0.1)),
+    (RMSprop, dict(lr=0.01, centered=True, weight_decay=0.1)),
+    (AdamW, dict(lr=0.01, weight_decay=0.1, betas=(0.8, 0.9))),
 ])
 def test_float64_parameters_match_torch(cls, kw):
     compare_with_torch(cls, kw, dtype=np.float64, rtol=1e-12, atol=1e-14)
@@ -233,6 +240,9 @@ OPT_CONFIGS = [
     (AdamW, dict(lr=0.01)),
     (RMSprop, dict(lr=0.01)),
     (RMSprop, dict(lr=0.01, centered=True, momentum=0.9)),
+    (RMSprop, dict(lr=0.01, momentum=0.5, weight_decay=0.1)),
+    (RMSprop, dict(lr=0.01, centered=True, weight_decay=0.1)),
+    (AdamW, dict(lr=0.01, weight_decay=0.1, betas=(0.8, 0.9))),
 ]
 
 
@@ -613,11 +623,9 @@ def test_make_schedule():
 
 # -- GPU ----------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.skipif(not cupy_available(), reason="needs CuPy and a CUDA device")
 @pytest.mark.parametrize("cls,kw", OPT_CONFIGS)
-def test_cupy_matches_numpy(cls, kw):
-    import cupy  # noqa: PLC0415
-
+def test_cupy_matches_numpy(cls, kw, cupy):
+    """The fused CuPy update (one kernel per parameter) follows the NumPy formula step by step."""
     grads = _grad_sequence(6)
     host = FakeModel(make_params(0))
     dev = FakeModel({k: cupy.asarray(v) for k, v in make_params(0).items()})

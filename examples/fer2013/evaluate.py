@@ -9,16 +9,24 @@
 Everything needed comes from the checkpoint written by train.py: the network,
 the normalisation statistics, the class names and the training arguments.
 
-Splits: ``test`` is FER-2013 PublicTest; ``val`` is the validation split
-train.py carved out of Training (rebuilt from the checkpoint's --classes,
---undersample, --val-fraction, --seed and --limit, so it holds the very same
-images); ``train`` is the rest of Training (limited as in training). A
-6-class checkpoint is evaluated with disgust merged into angry.
+Splits: ``test`` is FER-2013 PublicTest; ``privatetest`` is PrivateTest
+(Usage=PrivateTest rows of Kaggle's fer2013.csv, PrivateTest_* files, or a
+privatetest/ or val/ folder; an error when the data holds none); ``val`` is the
+validation split train.py carved out of Training (rebuilt from the
+checkpoint's --classes, --undersample, --val-fraction, --seed and --limit, so
+it holds the very same images, and checked against the fingerprint the
+checkpoint records: other images are refused); ``train`` is the rest of
+Training (limited as in training). A 6-class checkpoint is evaluated with
+disgust merged into angry. Checkpoints older than data fingerprints get their
+legacy split by row position rebuilt, which is right only for data in the same
+row order as in training (the JSON says ``"split_verified": false``); the
+shipped hw3_cnn.npz records the fingerprints of that legacy split of the
+image folders it was trained on.
 
 stdout holds only the JSON document (accuracy, per-class precision / recall /
 F1, confusion matrix in counts and row-normalised, checkpoint information);
-progress goes to stderr. Exit codes: 0 ok, 2 unusable checkpoint, data or
-backend (the message names the file and the problem).
+progress goes to stderr. Exit codes: 0 ok, 2 unusable checkpoint, data,
+backend or --plots folder (the message names the file and the problem).
 """
 from __future__ import annotations
 
@@ -33,14 +41,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
-from common import (PRETRAINED, full_history, load_split, open_checkpoint, resolve_data_path,  # noqa: E402
-                    to_model_input, training_args)
+from common import (PRETRAINED, SPLIT_USAGE, full_history, load_split, open_checkpoint,  # noqa: E402
+                    resolve_data_path, to_model_input, training_args)
 from minicnn.backend import BackendUnavailableError  # noqa: E402
+from minicnn.checkpoint import finite_json, write_text  # noqa: E402
 from minicnn.data import DataError  # noqa: E402
 from minicnn.inference import predict_proba, predict_tta  # noqa: E402
 from minicnn.metrics import classification_report, log_loss  # noqa: E402
 
-SPLITS = ("test", "val", "train")
+SPLITS = ("test", "privatetest", "val", "train")
 SALIENCY_IMAGES = 7  # one per class
 ACTIVATION_IMAGES = 400  # images searched for the top activations (a seeded random subset)
 
@@ -51,7 +60,8 @@ def parse_args(argv=None):
                    help=f"checkpoint written by train.py (default {PRETRAINED})")
     p.add_argument("--data", help="FER-2013 folder or CSV (default: $FER2013_DATA, ./data/fer2013, ./data/fer2013.csv)")
     p.add_argument("--split", choices=SPLITS, default="test",
-                   help="test = PublicTest (default); val / train = Training as train.py split it")
+                   help="test = PublicTest (default); privatetest = PrivateTest; "
+                        "val / train = Training as train.py split it")
     p.add_argument("--plots", metavar="DIR", help="write figures (PNG) and metrics.json to this folder")
     p.add_argument("--tta", action="store_true", help="average the softmax over 10 crops / flips of each image")
     p.add_argument("--tta-padding", type=int, default=4, metavar="PX",
@@ -174,7 +184,12 @@ def main(argv=None) -> int:
         targs = training_args(meta, class_names)
         data_path = resolve_data_path(args.data)
         log(f"loading {args.split} split of {data_path}")
-        ds = load_split(data_path, args.split, targs, class_names)
+        record = meta.get("data_fingerprint")
+        ds = load_split(data_path, args.split, targs, class_names, fingerprint=record, checkpoint=ckpt)
+        verified = bool((record or {}).get(args.split)) if args.split in ("val", "train") else None
+        if verified is False:
+            log(f"warning: {ckpt} records no fingerprint of its {args.split} images: rebuilt its legacy split by "
+                "row position, which holds the right images only if the data is in the order it was trained on")
         log(f"evaluating {model.name} (epoch {meta.get('epoch')}) on {len(ds)} images"
             f"{' with test-time augmentation' if args.tta else ''}")
         report, probs = evaluate(model, norm, ds, class_names, args.tta, args.batch_size, args.tta_padding)
@@ -182,14 +197,21 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result = {"checkpoint": checkpoint_info(ckpt, model, meta, class_names), "data": str(data_path),
-              "split": args.split, "usage": "PublicTest" if args.split == "test" else "Training", "tta": args.tta,
+              "split": args.split, "usage": SPLIT_USAGE[args.split],
+              **({"split_method": targs["split_method"], "split_verified": verified} if verified is not None else {}),
+              "tta": args.tta,
               **({"tta_padding": args.tta_padding} if args.tta else {}), **report}
     if args.plots:
         log(f"writing figures to {args.plots}")
-        result["plots"], result["plots_skipped"] = make_plots(args.plots, model, norm, ds, probs, class_names, meta,
-                                                              seed=int(targs["seed"]))
-        (Path(args.plots) / "metrics.json").write_text(dumps(result) + "\n")
-    print(dumps(result))
+        try:
+            result["plots"], result["plots_skipped"] = make_plots(args.plots, model, norm, ds, probs, class_names,
+                                                                  meta, seed=int(targs["seed"]))
+            write_text(Path(args.plots) / "metrics.json", dumps(finite_json(result)) + "\n")
+        except OSError as exc:  # an unwritable folder, a full disk
+            print(f"error: --plots {args.plots}: {exc.strerror or exc}"
+                  + (f" ({exc.filename})" if exc.filename else ""), file=sys.stderr)
+            return 2
+    print(dumps(finite_json(result)))
     log(f"{args.split} accuracy {report['accuracy']:.4f} on {report['num_examples']} images")
     return 0
 

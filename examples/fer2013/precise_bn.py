@@ -18,7 +18,7 @@ It prints JSON with the validation accuracy and loss before and after, so the
 choice between the two files is made on the validation split (never on
 test), and writes a new checkpoint (atomically; the source is left as it is)
 that records what was done under ``batchnorm_recalibration``.
-Exit codes: 0 ok, 2 unusable checkpoint, data or backend.
+Exit codes: 0 ok, 2 unusable checkpoint, data, backend or --out.
 """
 from __future__ import annotations
 
@@ -73,8 +73,9 @@ def main(argv=None) -> int:
         targs = training_args(meta, class_names)
         data_path = resolve_data_path(args.data)
         log(f"loading the train and validation splits of {data_path} as {args.checkpoint} was trained on")
-        train_ds = load_split(data_path, "train", targs, class_names)
-        val_ds = load_split(data_path, "val", targs, class_names)
+        record = meta.get("data_fingerprint")
+        train_ds = load_split(data_path, "train", targs, class_names, fingerprint=record, checkpoint=args.checkpoint)
+        val_ds = load_split(data_path, "val", targs, class_names, fingerprint=record, checkpoint=args.checkpoint)
     except (minicnn.CheckpointError, DataError, BackendUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -91,7 +92,11 @@ def main(argv=None) -> int:
     record = {"source": str(args.checkpoint), "batch_size": args.batch_size, **info,
               "val_before": before, "val_after": after, "seconds": round(seconds, 1)}
     arrays.update({k: v for k, v in model.state_arrays().items() if k.startswith("buffer/")})
-    out = save_npz(args.out, arrays, dict(meta, batchnorm_recalibration=record))
+    try:
+        out = save_npz(args.out, arrays, dict(meta, batchnorm_recalibration=record))
+    except OSError as exc:  # an unwritable folder, a full disk: nothing half-written is left (save_npz is atomic)
+        print(f"error: --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     print(json.dumps({"out": str(out), **record}, indent=2))
     return 0
 

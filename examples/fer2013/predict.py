@@ -6,7 +6,8 @@
 
 Any image Pillow can read, of any size, colour or grayscale, is turned into
 what the network was trained on: its EXIF orientation applied, converted to
-grayscale, resized to 48x48 (bilinear, as the FER-2013 loader does), then
+grayscale (16-bit images scaled to 0..255, not clipped), resized to 48x48
+(bilinear, as the FER-2013 loader does), then
 normalised with the checkpoint's statistics. The image should be a face
 cropped roughly as in FER-2013 (no face detection is done here).
 
@@ -28,7 +29,7 @@ import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
 from common import PRETRAINED, open_checkpoint, to_model_input  # noqa: E402
-from minicnn.data.fer2013 import IMAGE_SIZE  # noqa: E402
+from minicnn.data.fer2013 import to_grey48  # noqa: E402
 from minicnn.inference import predict_proba  # noqa: E402
 
 
@@ -62,11 +63,7 @@ def load_image(path) -> np.ndarray:
         with Image.open(path) as im:
             im.load()  # decode now, so a truncated file fails here
             im = ImageOps.exif_transpose(im)  # phone photos are often stored rotated
-            if im.mode != "L":
-                im = im.convert("L")  # also drops an alpha channel
-            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
-                im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
+            return to_grey48(im)  # as the FER-2013 loader decodes (16-bit images scaled, not clipped)
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image file Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as exc:

@@ -15,7 +15,7 @@ Loading needs the optional ``data`` extras (pandas for CSV, Pillow for images):
 from .augment import Augmenter
 from .batches import iterate_minibatches
 from .fer2013 import CLASS_NAMES, USAGES, DataError, FERDataset, load_fer2013
-from .preprocess import Normalizer, merge_disgust_into_angry, stratified_split, undersample
+from .preprocess import SPLIT_METHODS, Normalizer, content_sample, merge_disgust_into_angry, stratified_split, undersample
 
 __all__ = [
     "FERDataset",
@@ -26,6 +26,8 @@ __all__ = [
     "merge_disgust_into_angry",
     "undersample",
     "stratified_split",
+    "content_sample",
+    "SPLIT_METHODS",
     "Normalizer",
     "Augmenter",
     "iterate_minibatches",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numbers
 
+from .. import kernels
 from ..backend import get_array_module, get_seed
 
 __all__ = ["Augmenter", "affine_warp", "integer_shift"]
@@ -130,14 +131,19 @@ class Augmenter:
         if self._warp_on:
             angles = xp.deg2rad(rng.uniform(self.rotation[0], self.rotation[1], size=n))
             zooms = rng.uniform(self.zoom[0], self.zoom[1], size=n)
-            shifts = rng.uniform(-self.shift, self.shift, size=(n, 2)) * xp.asarray([h, w], dtype=xp.float64)
+            shifts = rng.uniform(-self.shift, self.shift, size=(n, 2))
+            shifts[:, 0] *= h  # (no host list [h, w] copied to the device every step)
+            shifts[:, 1] *= w
             x = affine_warp(x, _inverse_matrices(xp, angles, zooms, shifts, flips, h, w))
         elif flips is not None:
             # Flip alone is an exact index reversal; no need to interpolate.
             x = xp.where(flips[:, None, None, None], x[..., ::-1], x)
         if self.crop_padding:
             p = self.crop_padding
-            x = integer_shift(x, rng.randint(-p, p + 1, size=(n, 2)))
+            # floor(U * (2p + 1)) - p: uniform over -p..p, like randint(-p, p + 1), but CuPy's randint over a
+            # range that is not a power of two samples by rejection and reads a count back to the host.
+            offsets = (rng.random_sample((n, 2)) * (2 * p + 1)).astype(xp.int64) - p
+            x = integer_shift(x, offsets)
         return x
 
     def __repr__(self) -> str:
@@ -179,6 +185,7 @@ def _inverse_matrices(xp, angles, zooms, shifts, flips, h, w):
     return m
 
 
+@kernels.gpu_fast_path(kernels.affine_warp)  # on CuPy: one kernel (minicnn/kernels.py)
 def affine_warp(x, inv_matrices):
     """Warp each image of ``x (N, C, H, W)`` with its own affine map, bilinear, edge fill.
 

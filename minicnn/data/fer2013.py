@@ -55,7 +55,7 @@ _USAGE_DTYPE = np.dtype("U11")  # len("PrivateTest")
 
 # Bump when the decoded output of a source could change (resizing, ordering...),
 # so caches written by an older loader are not served.
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"  # 2: 16-bit images scaled, not clipped
 
 # Folder names seen in the wild for each class (compared lower-cased).
 _CLASS_ALIASES = {
@@ -145,6 +145,32 @@ class FERDataset:
             raise ValueError(f"unknown usage {usage!r}: expected one of {USAGES}")
         return self.subset(self.usage == usage)
 
+    def content_keys(self, salt: str = "") -> np.ndarray:
+        """A ``uint64`` per image that depends only on its pixels, its label and ``salt``.
+
+        Sorting by these keys orders the images the same way whatever the order
+        of the rows or files they came from; a different ``salt`` (e.g. a
+        seed) gives an independent pseudo-random order. Identical images with
+        the same label get the same key.
+        """
+        digests = _digests(self)
+        keys = digests[:, :8].copy().view("<u8").ravel()
+        if salt:
+            seed = np.frombuffer(hashlib.blake2b(salt.encode(), digest_size=8).digest(), dtype="<u8")
+            keys = _splitmix64(keys ^ seed)
+        return keys
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the sorted per-image digests of pixels and label: same images, same fingerprint.
+
+        Independent of row order, and of the layout (CSV or folders) the images came from.
+        """
+        digests = _digests(self)
+        order = np.lexsort(digests.T[::-1]) if len(digests) else np.arange(0)
+        h = hashlib.sha256(f"fer2013-set/1 {len(self)} {','.join(self.class_names)}\n".encode())
+        h.update(np.ascontiguousarray(digests[order]).tobytes())
+        return h.hexdigest()
+
     def class_counts(self) -> dict[str, int]:
         """Number of images of each class, in label order: ``{"angry": 3995, ...}``."""
         counts = np.bincount(self.labels, minlength=len(self.class_names))
@@ -153,6 +179,30 @@ class FERDataset:
     def __repr__(self) -> str:
         parts = ", ".join(f"{u}={int((self.usage == u).sum())}" for u in USAGES if (self.usage == u).any())
         return f"FERDataset(n={len(self)}, classes={self.num_classes}, {parts or 'empty'})"
+
+
+def _digests(ds: FERDataset) -> np.ndarray:
+    """(N, 16) uint8: BLAKE2b of each image's label and pixel bytes (48x48 uint8, row-major).
+
+    Not cached: ``images`` is a plain array a user may change in place. About 10 us per image.
+    """
+    out = np.empty((len(ds), 16), dtype=np.uint8)
+    images = np.ascontiguousarray(ds.images)
+    for i in range(len(ds)):
+        h = hashlib.blake2b(int(ds.labels[i]).to_bytes(2, "little"), digest_size=16)
+        h.update(images[i].data)
+        out[i] = np.frombuffer(h.digest(), dtype=np.uint8)
+    return out
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser, vectorised: a bijective scramble of uint64 values."""
+    x = np.asarray(x, dtype=np.uint64).copy()
+    with np.errstate(over="ignore"):
+        x += np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 # --------------------------------------------------------------------------- API
@@ -387,18 +437,35 @@ def _discover_images(root: Path):
     return entries
 
 
+def to_grey48(im) -> np.ndarray:
+    """A PIL image as ``uint8 (48, 48)`` grey levels: grayscale, resized (bilinear) if needed.
+
+    16-bit images (PNG/TIFF, PIL modes ``I;16*`` and ``I``) are scaled from
+    0..65535 to 0..255 (``round(v / 257)``); PIL's own ``convert("L")`` would
+    clip them, so that any normal 16-bit photo came out all white.
+    """
+    from PIL import Image  # noqa: PLC0415
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        wide = np.asarray(im).astype(np.int64)
+        if wide.size and (wide.min() < 0 or wide.max() > 65535):
+            raise ValueError(f"{im.mode} image with values {wide.min()}..{wide.max()}, outside the 16-bit range")
+        im = Image.fromarray(((wide + 128) // 257).astype(np.uint8), "L")
+    elif im.mode != "L":
+        im = im.convert("L")  # also drops an alpha channel
+    if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+        im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
+
+
 def _decode_image(file) -> np.ndarray:
-    """Read one image as ``uint8 (48, 48)``: grayscale, resized (bilinear) if needed."""
+    """Read one image as ``uint8 (48, 48)`` (see :func:`to_grey48`)."""
     from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
 
     try:
         with Image.open(file) as im:
             im.load()  # decode now, so a truncated file fails here and not later
-            if im.mode != "L":
-                im = im.convert("L")
-            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
-                im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
+            return to_grey48(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{file}: cannot read image ({type(exc).__name__}: {exc})") from exc
 
@@ -462,10 +529,27 @@ def _read_cache(file: Path) -> FERDataset | None:
         return None
 
 
+# A temporary cache file older than this was left by a killed process (a write takes seconds).
+_STALE_TMP_SECONDS = 3600
+
+
+def _remove_stale_tmp(folder: Path) -> None:
+    """Remove temporary cache files that killed loads left behind (never a recent one: it may be in use)."""
+    import time  # noqa: PLC0415
+
+    for tmp in folder.glob("fer2013-*.tmp"):
+        try:
+            if time.time() - tmp.stat().st_mtime > _STALE_TMP_SECONDS:
+                tmp.unlink()
+        except OSError:
+            pass
+
+
 def _write_cache(file: Path, ds: FERDataset) -> None:
     tmp = None
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_tmp(file.parent)
         # Write to a temp file in the same folder then rename: readers never see
         # a half-written cache, even if two loads race.
         fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.stem + ".", suffix=".tmp")

@@ -5,7 +5,9 @@
 * :func:`undersample`: drop part of one class (the Technical Review Document
   cut about 3,000 of the 7,215 training "happy" faces).
 * :func:`stratified_split`: a seeded validation split with the class
-  proportions of the input.
+  proportions of the input, chosen by the images' content (so the same
+  images give the same split whatever their row or file order).
+* :func:`content_sample`: a seeded subset of a given size, chosen by content.
 * :class:`Normalizer`: maps ``uint8`` images to ``float32`` network inputs
   ``(N, 1, 48, 48)`` with statistics fitted on training images only, and
   stores those statistics as plain arrays for a ``.npz`` checkpoint.
@@ -22,7 +24,22 @@ import numpy as np
 from ..backend import get_array_module, to_host
 from .fer2013 import FERDataset
 
-__all__ = ["merge_disgust_into_angry", "undersample", "stratified_split", "Normalizer"]
+__all__ = ["merge_disgust_into_angry", "undersample", "stratified_split", "content_sample", "Normalizer",
+           "SPLIT_METHODS"]
+
+#: How rows are chosen: "content" ranks images by a seeded hash of pixels and label (independent of
+#: row order); "order" is the legacy seeded permutation of the row positions (depends on row order).
+SPLIT_METHODS = ("content", "order")
+
+
+def _check_method(method):
+    if method not in SPLIT_METHODS:
+        raise ValueError(f"unknown method {method!r}: expected one of {SPLIT_METHODS}")
+
+
+def _content_first(keys: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` of rows ``idx`` whose content ``keys`` (one per row of the dataset) are smallest."""
+    return idx[np.argsort(keys[idx], kind="stable")[:n]]
 
 
 def merge_disgust_into_angry(ds: FERDataset) -> FERDataset:
@@ -45,7 +62,7 @@ def merge_disgust_into_angry(ds: FERDataset) -> FERDataset:
     return FERDataset(ds.images.copy(), remap[ds.labels], ds.usage.copy(), new_names)
 
 
-def undersample(ds: FERDataset, class_name: str, n_or_fraction, seed: int = 0) -> FERDataset:
+def undersample(ds: FERDataset, class_name: str, n_or_fraction, seed: int = 0, method: str = "content") -> FERDataset:
     """Keep only part of the images of one class, chosen at random.
 
     Args:
@@ -55,7 +72,10 @@ def undersample(ds: FERDataset, class_name: str, n_or_fraction, seed: int = 0) -
             count (``0 <= n <= count``) or a float fraction in ``[0, 1]``
             (rounded to the nearest count). To cut 3,000 of 7,215 happy
             faces, pass ``4215`` (or ``1 - 3000 / 7215``).
-        seed: seeds the choice (same seed and input, same result).
+        seed: seeds the choice (same seed and images, same result).
+        method: ``"content"`` (default) chooses by the images' content, so the
+            same images give the same result in any row order; ``"order"`` is
+            the legacy choice by row position.
 
     Returns:
         A new dataset; the other classes are untouched and all kept rows stay
@@ -77,30 +97,56 @@ def undersample(ds: FERDataset, class_name: str, n_or_fraction, seed: int = 0) -
         keep = int(round(float(n_or_fraction) * count))
     else:
         raise TypeError(f"n_or_fraction must be an int or a float, got {type(n_or_fraction).__name__}")
-    rng = np.random.RandomState(seed)
-    dropped = rng.choice(idx, size=count - keep, replace=False)
+    _check_method(method)
+    if method == "content":
+        dropped = _content_first(ds.content_keys(f"undersample/{seed}/{class_name}"), idx, count - keep)
+    else:
+        rng = np.random.RandomState(seed)
+        dropped = rng.choice(idx, size=count - keep, replace=False)
     mask = np.ones(len(ds), dtype=bool)
     mask[dropped] = False
     return ds.subset(mask)
 
 
-def stratified_split(ds: FERDataset, val_fraction: float, seed: int = 0) -> tuple[FERDataset, FERDataset]:
+def stratified_split(ds: FERDataset, val_fraction: float, seed: int = 0,
+                     method: str = "content") -> tuple[FERDataset, FERDataset]:
     """Split ``ds`` into ``(train, val)`` keeping each class's proportion.
 
     Each class ``c`` with ``n_c`` images gives ``round(val_fraction * n_c)``
-    of them, chosen at random, to ``val``; so per-class proportions match the
-    input to within one image. Both parts keep the input's row order. The same
-    ``seed`` and input always give the same split.
+    of them to ``val``; so per-class proportions match the input to within one
+    image. Both parts keep the input's row order.
+
+    ``method="content"`` (default) gives ``val`` the images whose seeded hash
+    of pixels and label (:meth:`FERDataset.content_keys`) is smallest: the same
+    ``seed`` and the same images give the same split in any row order (a
+    shuffled CSV, a folder copy). ``method="order"`` is the legacy split, a
+    seeded permutation of row positions, which depends on the row order.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
+    _check_method(method)
     rng = np.random.RandomState(seed)
+    keys = ds.content_keys(f"split/{seed}") if method == "content" else None
     val_mask = np.zeros(len(ds), dtype=bool)
     for c in range(ds.num_classes):  # fixed class order: the stream of draws is reproducible
         idx = np.flatnonzero(ds.labels == c)
         n_val = int(round(val_fraction * idx.size))
-        val_mask[rng.permutation(idx)[:n_val]] = True
+        if method == "content":
+            val_mask[_content_first(keys, idx, n_val)] = True
+        else:
+            val_mask[rng.permutation(idx)[:n_val]] = True
     return ds.subset(~val_mask), ds.subset(val_mask)
+
+
+def content_sample(ds: FERDataset, n: int, seed: int = 0, salt: str = "sample") -> FERDataset:
+    """``n`` images of ``ds`` (all if fewer) chosen by a seeded hash of their content, in row order.
+
+    The same images give the same sample in any row order.
+    """
+    if int(n) < 0:
+        raise ValueError(f"content_sample: n must be >= 0, got {n}")
+    chosen = _content_first(ds.content_keys(f"{salt}/{seed}"), np.arange(len(ds)), int(n))
+    return ds.subset(np.sort(chosen))
 
 
 class Normalizer:

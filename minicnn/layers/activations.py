@@ -1,7 +1,7 @@
 """Element-wise activations and dropout. Shapes: any -> the same shape."""
 from __future__ import annotations
 
-from .. import backend
+from .. import backend, kernels
 from ..backend import get_array_module
 from .base import Layer
 
@@ -24,12 +24,12 @@ class ReLU(Layer):
 
     def forward(self, x, training=True):
         """out = max(x, 0); keeps the mask [x > 0] for backward."""
-        self.mask = (x > 0).astype(x.dtype)  # float mask: multiplying by a bool array is slower
-        return x * self.mask
+        out, self.mask = _leaky_relu_forward(x, 0.0)
+        return out
 
     def backward(self, dout):
         """dx = dout * [x > 0]."""
-        return dout * self.mask
+        return _leaky_relu_backward(dout, self.mask, 0.0)
 
 
 class LeakyReLU(Layer):
@@ -57,17 +57,33 @@ class LeakyReLU(Layer):
 
     def forward(self, x, training=True):
         """out = x where x > 0, negative_slope * x elsewhere; keeps the local derivative."""
-        # Keep the local derivative (1 or slope) itself: backward is then one multiply.
-        # Built as [x > 0] * (1 - slope) + slope: two in-place passes, ~2x faster than where().
-        slope = x.dtype.type(self.negative_slope)
-        self.slope = (x > 0).astype(x.dtype)
-        self.slope *= 1 - slope
-        self.slope += slope
-        return x * self.slope
+        out, self.slope = _leaky_relu_forward(x, self.negative_slope)
+        return out
 
     def backward(self, dout):
         """dx = dout * (1 if x > 0 else negative_slope)."""
-        return dout * self.slope
+        return _leaky_relu_backward(dout, self.slope, self.negative_slope)
+
+
+@kernels.gpu_fast_path(kernels.leaky_relu_forward)  # on CuPy: one kernel, and the cache is x itself
+def _leaky_relu_forward(x, negative_slope):
+    """``(out, local derivative)``; ReLU is slope 0."""
+    if negative_slope == 0.0:
+        mask = (x > 0).astype(x.dtype)  # float mask: multiplying by a bool array is slower
+        return x * mask, mask
+    # Keep the local derivative (1 or slope) itself: backward is then one multiply.
+    # Built as [x > 0] * (1 - slope) + slope: two in-place passes, ~2x faster than where().
+    slope = x.dtype.type(negative_slope)
+    local = (x > 0).astype(x.dtype)
+    local *= 1 - slope
+    local += slope
+    return x * local, local
+
+
+@kernels.gpu_fast_path(kernels.leaky_relu_backward)
+def _leaky_relu_backward(dout, local, negative_slope):
+    """dx = dout * local derivative."""
+    return dout * local
 
 
 class Dropout(Layer):
@@ -105,10 +121,24 @@ class Dropout(Layer):
             self.mask = None
             return x
         xp = get_array_module(x)
-        keep = backend.random_state(xp).random_sample(x.shape) >= self.p
-        self.mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - self.p))
-        return x * self.mask
+        out, self.mask = _dropout_forward(x, self.p, backend.random_state(xp))
+        return out
 
     def backward(self, dout):
         """dx = dout * mask (the same mask as the forward pass), or dout after an evaluation pass."""
-        return dout if self.mask is None else dout * self.mask
+        return dout if self.mask is None else _dropout_backward(dout, self.mask, self.p)
+
+
+# On CuPy: one float32 draw and one kernel; ``mask`` then holds the draws the kernel compares with p.
+@kernels.gpu_fast_path(kernels.dropout_forward)
+def _dropout_forward(x, p, rng):
+    """``(out, mask)`` with mask = [u >= p] / (1 - p), u uniform on [0, 1)."""
+    keep = rng.random_sample(x.shape) >= p
+    mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - p))
+    return x * mask, mask
+
+
+@kernels.gpu_fast_path(kernels.dropout_backward)
+def _dropout_backward(dout, mask, p):
+    """dx = dout * mask."""
+    return dout * mask

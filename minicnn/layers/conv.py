@@ -25,7 +25,7 @@ pixel it was read from, summing where receptive fields overlap, so that
 """
 from __future__ import annotations
 
-from .. import initializers
+from .. import initializers, kernels
 from ..backend import get_array_module
 from .base import Layer
 
@@ -63,6 +63,7 @@ def _pad(x, ph, pw, value=0.0):
     return xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), mode="constant", constant_values=value)
 
 
+@kernels.gpu_fast_path(kernels.im2col)  # on CuPy: one gather kernel (minicnn/kernels.py)
 def im2col(x, kh, kw, stride=1, padding=0):
     """Unfold receptive fields into columns: ``cols[(c, u, v), (n, i, j)] = xpad[n, c, i*sh + u, j*sw + v]``.
 
@@ -85,6 +86,7 @@ def im2col(x, kh, kw, stride=1, padding=0):
     return win.transpose(1, 2, 3, 0, 4, 5).reshape(c * kh * kw, n * oh * ow)
 
 
+@kernels.gpu_fast_path(kernels.col2im)  # on CuPy: one gather kernel, no atomics
 def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
     """Adjoint of :func:`im2col`: sum every column entry back onto its source pixel.
 

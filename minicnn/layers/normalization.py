@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import initializers
-from ..backend import get_array_module, to_device
+from .. import initializers, kernels
+from ..backend import get_array_module, module_of, to_array_module
 from .activations import Dropout
 from .base import Layer
 
@@ -59,41 +59,28 @@ class _BatchNorm(Layer):
     def extra_repr(self):
         return f"{self.num_features}, momentum={self.momentum}, eps={self.eps}"
 
-    def _shape(self, v):
-        """Reshape a per-feature vector so it broadcasts against the input."""
-        return v.reshape((1, -1) + (1,) * (len(self.axes) - 1))
-
     def _check(self, x):
         if x.ndim != len(self.axes) + 1 or x.shape[1] != self.num_features:
             raise self._bad_input(self.layout.format(self.num_features), x)
+        if x.dtype.kind != "f":  # integer input would be normalised in integer arithmetic: all zeros
+            raise TypeError(f"{self!r}: expects floating-point input, got dtype {x.dtype}; convert it first "
+                            "(e.g. x.astype(np.float32))")
 
     def forward(self, x, training=True):
         """Normalise ``x`` with the batch statistics (training, which also updates the running
         ones) or with the running statistics (evaluation); the output has x's shape."""
         self._check(x)
-        xp = get_array_module(x)
-        gamma, beta = self._shape(self.params["gamma"]), self._shape(self.params["beta"])
+        gamma, beta = self.params["gamma"], self.params["beta"]
+        rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
         if training:
             m = x.size // self.num_features
             if m < 2:
                 raise ValueError(f"{self!r}: training needs more than one value per feature, got input {x.shape}")
-            mu = x.mean(axis=self.axes, keepdims=True)
-            xhat = x - mu
-            var = self._shape(xp.einsum(self.sum_of_products, xhat, xhat) / m)  # no (x - mu)**2 temporary
-            inv_std = (1.0 / xp.sqrt(var + self.eps)).astype(x.dtype, copy=False)
-            xhat *= inv_std  # in place: x - mu is not needed any more
-            mom = self.momentum
-            rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
-            rm *= 1 - mom
-            rm += mom * mu.reshape(-1)
-            rv *= 1 - mom
-            rv += (mom * m / (m - 1)) * var.reshape(-1)
+            out, xhat, inv_std = _train_forward(x, gamma, beta, rm, rv, self.eps, self.momentum, self.axes,
+                                                self.sum_of_products)
         else:
-            inv_std = (1.0 / xp.sqrt(self._shape(self.buffers["running_var"]) + self.eps)).astype(x.dtype, copy=False)
-            xhat = (x - self._shape(self.buffers["running_mean"])) * inv_std
+            out, xhat, inv_std = _eval_forward(x, gamma, beta, rm, rv, self.eps)
         self.cache = (training, xhat, inv_std)
-        out = xhat * gamma
-        out += beta
         return out
 
     def backward(self, dout):
@@ -102,22 +89,66 @@ class _BatchNorm(Layer):
         dx = gamma / (m sqrt(var + eps)) (m dout - sum dout - xhat sum dout * xhat) after a
         training-mode forward, dout * gamma / sqrt(running_var + eps) after an evaluation one.
         """
-        xp = get_array_module(dout)
         batch_stats, xhat, inv_std = self.cache
-        gamma = self._shape(self.params["gamma"])
-        dbeta = dout.sum(axis=self.axes)
-        dgamma = xp.einsum(self.sum_of_products, dout, xhat)  # sum of dout * xhat, no temporary
-        self.grads["gamma"], self.grads["beta"] = dgamma, dbeta
-        if not batch_stats:
-            return dout * (gamma * inv_std)
-        m = dout.size // self.num_features
-        # dx = gamma * inv_std / m * (m * dout - dbeta - xhat * dgamma), built in place
-        dx = xhat * (-self._shape(dgamma) / m)
-        dx += dout
-        dx -= self._shape(dbeta) / m
-        dx *= gamma * inv_std
+        dx, self.grads["gamma"], self.grads["beta"] = _backward(dout, xhat, inv_std, self.params["gamma"],
+                                                                batch_stats, self.axes, self.sum_of_products)
         self.cache = None
         return dx
+
+
+def _per_feature(v, x):
+    """Reshape a per-feature vector so it broadcasts against ``x`` ((N, C) or (N, C, H, W))."""
+    return v.reshape((1, -1) + (1,) * (x.ndim - 2))
+
+
+# The formulas of _BatchNorm, written with array operations (the reference); on CuPy the decorator
+# runs the fused kernels of minicnn/kernels.py instead (statistics in one launch, normalisation in one).
+@kernels.gpu_fast_path(kernels.batchnorm_train_forward)
+def _train_forward(x, gamma, beta, rm, rv, eps, momentum, axes, sum_of_products):
+    """Training mode: ``(out, xhat, inv_std)``, the running statistics ``rm``, ``rv`` updated in place."""
+    xp = get_array_module(x)
+    m = x.size // gamma.size
+    mu = x.mean(axis=axes, keepdims=True)
+    xhat = x - mu
+    var = _per_feature(xp.einsum(sum_of_products, xhat, xhat) / m, x)  # no (x - mu)**2 temporary
+    inv_std = (1.0 / xp.sqrt(var + eps)).astype(x.dtype, copy=False)
+    xhat *= inv_std  # in place: x - mu is not needed any more
+    rm *= 1 - momentum
+    rm += momentum * mu.reshape(-1)
+    rv *= 1 - momentum
+    rv += (momentum * m / (m - 1)) * var.reshape(-1)
+    out = xhat * _per_feature(gamma, x)
+    out += _per_feature(beta, x)
+    return out, xhat, inv_std
+
+
+@kernels.gpu_fast_path(kernels.batchnorm_eval_forward)
+def _eval_forward(x, gamma, beta, rm, rv, eps):
+    """Evaluation mode: ``(out, xhat, inv_std)`` with the running statistics."""
+    xp = get_array_module(x)
+    inv_std = (1.0 / xp.sqrt(_per_feature(rv, x) + eps)).astype(x.dtype, copy=False)
+    xhat = (x - _per_feature(rm, x)) * inv_std
+    out = xhat * _per_feature(gamma, x)
+    out += _per_feature(beta, x)
+    return out, xhat, inv_std
+
+
+@kernels.gpu_fast_path(kernels.batchnorm_backward)
+def _backward(dout, xhat, inv_std, gamma, batch_stats, axes, sum_of_products):
+    """``(dx, dgamma, dbeta)``."""
+    xp = get_array_module(dout)
+    g = _per_feature(gamma, dout)
+    dbeta = dout.sum(axis=axes)
+    dgamma = xp.einsum(sum_of_products, dout, xhat)  # sum of dout * xhat, no temporary
+    if not batch_stats:
+        return dout * (g * inv_std), dgamma, dbeta
+    m = dout.size // gamma.size
+    # dx = gamma * inv_std / m * (m * dout - dbeta - xhat * dgamma), built in place
+    dx = xhat * (-_per_feature(dgamma, dout) / m)
+    dx += dout
+    dx -= _per_feature(dbeta, dout) / m
+    dx *= g * inv_std
+    return dx, dgamma, dbeta
 
 
 class BatchNorm1D(_BatchNorm):
@@ -262,6 +293,7 @@ def recalibrate_batchnorm(model: Layer, x, batch_size: int = 256, seed: int = 0)
     batches = np.array_split(order, max(1, n // int(batch_size)))
     dtype = norms[0].params["gamma"].dtype
     x_xp = get_array_module(x)  # index x where it lives (host or device), then move each batch
+    model_xp = module_of(model)  # to the model's device (not the active backend's)
     try:
         for layer in dropouts:
             layer.p = 0.0  # Dropout with p == 0 is the identity, in training mode too
@@ -272,7 +304,7 @@ def recalibrate_batchnorm(model: Layer, x, batch_size: int = 256, seed: int = 0)
             # running, size-weighted average above; the first batch (momentum 1) overwrites.
             for layer in norms:
                 layer.momentum = len(idx) / seen
-            xb = to_device(x[x_xp.asarray(np.sort(idx))], dtype=dtype)
+            xb = to_array_module(x[x_xp.asarray(np.sort(idx))], model_xp, dtype=dtype)
             model.forward(xb, training=True)
     finally:
         for layer, p in zip(dropouts, saved_p):

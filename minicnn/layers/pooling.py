@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import kernels
 from ..backend import get_array_module
 from .base import Layer
 from .conv import _pad, conv_output_size, pair
@@ -17,14 +18,24 @@ from .conv import _pad, conv_output_size, pair
 __all__ = ["MaxPool2D", "AvgPool2D", "GlobalAvgPool2D"]
 
 
+def _arg_dtype(positions):
+    """The smallest unsigned dtype that numbers ``positions`` window offsets (uint8 up to 256)."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if positions <= np.iinfo(dtype).max + 1:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
+
+
 def _record_winner(arg, better, k):
     """arg = k where ``better``, else unchanged, for offsets k visited in increasing order.
 
     Since every earlier winner is < k, this is ``arg = max(arg, k * better)``: one
     small uint8 operation (``copyto(where=)`` / ``where`` were 20-35x slower here).
+    ``arg``'s dtype (see :func:`_arg_dtype`) holds every offset k, so nothing wraps around.
     """
     xp = get_array_module(arg)
-    xp.maximum(arg, better.view(xp.uint8) * xp.uint8(k), out=arg)
+    flag = better.view(xp.uint8) if arg.dtype == np.uint8 else better.astype(arg.dtype)
+    xp.maximum(arg, flag * arg.dtype.type(k), out=arg)
 
 
 class _Pool2D(Layer):
@@ -99,6 +110,7 @@ class MaxPool2D(_Pool2D):
     :func:`minicnn.reference.maxpool2d_backward` (one window at a time).
     """
 
+    @kernels.gpu_fast_path(kernels.maxpool2d_forward)  # on CuPy: one kernel (minicnn/kernels.py)
     def forward(self, x, training=True):
         """x (N, C, H, W) -> out (N, C, OH, OW), the max of every window; keeps the arg-max offsets."""
         xpad = self._offsets(x, -np.inf)
@@ -106,6 +118,7 @@ class MaxPool2D(_Pool2D):
             return self._forward_separable(x)
         return self._forward_general(x, xpad)
 
+    @kernels.gpu_fast_path(kernels.maxpool2d_backward)
     def backward(self, dout):
         """dout (N, C, OH, OW) -> dx (N, C, H, W): each window's dout goes to its arg-max, zero elsewhere."""
         if self.cache[0] == "separable":
@@ -120,7 +133,7 @@ class MaxPool2D(_Pool2D):
             view = xpad[sl]
             if out is None:
                 out = view.copy()
-                arg = xp.zeros(out.shape, dtype=np.uint8)
+                arg = xp.zeros(out.shape, dtype=_arg_dtype(len(self._slices)))
                 continue
             _record_winner(arg, view > out, k)  # strict ">": the first maximum wins ties
             xp.maximum(out, view, out=out)
@@ -148,13 +161,13 @@ class MaxPool2D(_Pool2D):
         oh, ow = self.output_shape(x.shape[2], x.shape[3])
         xc = x[:, :, : oh * kh, : ow * kw]
         colmax = xc[..., 0::kw].copy()  # (N, C, OH*KH, OW): max of each row segment
-        colarg = xp.zeros(colmax.shape, dtype=np.uint8)
+        colarg = xp.zeros(colmax.shape, dtype=_arg_dtype(kw))
         for v in range(1, kw):
             view = xc[..., v::kw]
             _record_winner(colarg, view > colmax, v)
             xp.maximum(colmax, view, out=colmax)
         out = colmax[:, :, 0::kh].copy()  # (N, C, OH, OW)
-        rowarg = xp.zeros(out.shape, dtype=np.uint8)
+        rowarg = xp.zeros(out.shape, dtype=_arg_dtype(kh))
         for u in range(1, kh):
             view = colmax[:, :, u::kh]
             _record_winner(rowarg, view > out, u)

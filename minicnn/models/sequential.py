@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import get_array_module, get_default_dtype, to_device, to_host
+from ..backend import get_array_module, get_default_dtype, module_of, to_array_module, to_host
 from ..checkpoint import CheckpointError, load_npz, save_npz
 from ..layers.base import Container, Layer
 
@@ -85,11 +85,12 @@ class Sequential(Container):
     def predict_logits(self, x, batch_size=256):
         """Evaluation-mode logits ``(N, K)`` for inputs ``x`` ``(N, C, H, W)`` (host or device), in batches.
 
-        The result lives where the computation ran (the active backend's device).
+        The batches go to the model's own device, and so does the result.
         """
         outs = []
+        xp = module_of(self)
         for start in range(0, len(x), batch_size):
-            xb = to_device(x[start : start + batch_size], dtype=self.dtype)
+            xb = to_array_module(x[start : start + batch_size], xp, dtype=self.dtype)
             outs.append(self.forward(xb, training=False))
         xp = get_array_module(outs[0]) if outs else np
         return xp.concatenate(outs) if outs else xp.zeros((0,))

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One command for a CUDA machine: the GPU tests, the benchmarks and a short FER-2013 run on the real CuPy,
+# then a summary table and JSON. At most 10 minutes (each stage has its own time limit).
+#
+#   benchmarks/gpu_suite.sh OUT_DIR                 # from the checkout; needs CuPy, a GPU, pytest, hypothesis, torch
+#   FER2013_DATA=data/fer2013_subset benchmarks/gpu_suite.sh OUT_DIR   # + the FER-2013 stages
+#
+# OUT_DIR receives at most 8 files: summary.md, summary.json, suite.log (every stage's output),
+# gpu_tests.xml, train_step_cupy.json, layers_cupy.json, epoch_cupy.json, fer_history.json.
+# The GPU tests run with MINICNN_TEST_DEVICE=cupy: on the real CuPy, never on the stand-in.
+set -uo pipefail
+OUT="${1:?usage: benchmarks/gpu_suite.sh OUT_DIR}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+cd "$ROOT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# the real CuPy or fail (a dry run of this script on the stand-in sets MINICNN_TEST_DEVICE=auto)
+export MINICNN_TEST_DEVICE="${MINICNN_TEST_DEVICE:-cupy}"
+PY="${PYTHON:-python3}"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+: > "$OUT/suite.log"
+: > "$WORK/stages.tsv"
+
+stage() {  # stage NAME SECONDS COMMAND...: run it with a time limit, log it, record rc and seconds
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$OUT/suite.log"
+  timeout --kill-after=10 "$limit" "$@" >> "$OUT/suite.log" 2>&1
+  local rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" >> "$WORK/stages.tsv"
+  echo "=== $name: rc $rc, $((SECONDS - start))s" | tee -a "$OUT/suite.log"
+}
+
+stage environment 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true; \
+  $PY -c 'import cupy, numpy, torch; print(\"cupy\", cupy.__version__, \"numpy\", numpy.__version__, \"torch\", torch.__version__); \
+print(cupy.cuda.runtime.getDeviceProperties(0)[\"name\"].decode()); import minicnn; minicnn.set_backend(\"cupy\"); print(\"minicnn cupy backend: ok\")'"
+# Every GPU-marked test on the real CuPy, the NVRTC compile check and the stand-in's API check against this CuPy.
+stage gpu_tests 200 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/test_gpu_parity.py \
+  tests/test_kernels.py tests/test_optim.py tests/test_augment.py tests/test_backend.py tests/test_fakecupy.py \
+  tests/test_cupy_cli.py --junitxml="$OUT/gpu_tests.xml" -o junit_family=xunit1
+stage train_step 75 "$PY" benchmarks/bench_train_step.py --backend cupy --models hw3_cnn hw3_dnn \
+  --batch-sizes 128 256 --inference --generic --repeats 20 --warmup 5 --json "$OUT/train_step_cupy.json"
+stage layers 40 "$PY" benchmarks/bench_layers.py --backend cupy --repeats 20 --json "$OUT/layers_cupy.json"
+if [ -n "${FER2013_DATA:-}" ] && [ -e "$FER2013_DATA" ]; then
+  stage epoch 60 "$PY" benchmarks/bench_epoch.py --backend cupy --data "$FER2013_DATA" --json "$OUT/epoch_cupy.json"
+  stage fer_train 150 "$PY" examples/fer2013/train.py --backend cupy --data "$FER2013_DATA" --epochs 3 \
+    --out "$WORK/fer_run" --no-progress --schedule none
+  [ -f "$WORK/fer_run/history.json" ] && cp "$WORK/fer_run/history.json" "$OUT/fer_history.json"
+  [ -f "$WORK/fer_run/test_metrics.json" ] && cp "$WORK/fer_run/test_metrics.json" "$WORK/test_metrics.json"
+else
+  echo "=== FER-2013 stages skipped: FER2013_DATA is not set to a FER-2013 folder" | tee -a "$OUT/suite.log"
+fi
+"$PY" benchmarks/gpu_summary.py "$WORK/stages.tsv" "$OUT" "$WORK/test_metrics.json" | tee -a "$OUT/suite.log"

@@ -1,0 +1,844 @@
+"""Every custom CUDA kernel of minicnn, in one place, each beside the generic code it replaces.
+
+Why: on a GPU every array operation is a kernel launch, and a training step of
+``hw3_cnn`` written with plain array operations issues hundreds of them
+(Adam alone 13 per parameter), so the step is bound by launch overhead. The
+kernels here do in one launch what the generic code does in several.
+
+One code path: the layers and optimisers call plain functions (``im2col``,
+``_adam_update``, ...), written with NumPy operations that run on either
+backend, the teaching reference. Those functions carry the decorator
+:func:`gpu_fast_path`, which runs the fused version here instead when an
+argument is a CuPy array (and :func:`use_fused` has not switched it off).
+On NumPy nothing changes: the decorated function *is* the generic code, and
+``f.generic`` / ``f.fused`` give both versions to the tests that prove them
+equal.
+
+Each kernel is declared once (:class:`Elementwise` or :class:`Raw`) with
+
+* its CUDA source, self-contained (no CuPy header): raw kernels are
+  ``extern "C" __global__`` functions; element-wise bodies are CuPy
+  ``ElementwiseKernel`` operations, and :func:`compile_units` wraps them in
+  a minimal harness so that ``tests/test_kernels.py`` compiles every source
+  with NVRTC on a machine without a GPU;
+* a NumPy transliteration of what the kernel computes
+  (:data:`TRANSLITERATIONS`), which the test stand-in for CuPy
+  (``tests/fakecupy.py``) runs in place of the launch, so that CI checks the
+  arguments, shapes and numbers of every fused path without a GPU.
+
+What only a GPU can prove (``benchmarks/gpu_suite.sh``): that the CUDA code
+computes what its transliteration computes, and how fast it is.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import numpy as np
+
+from .backend import get_array_module
+
+__all__ = ["gpu_fast_path", "use_fused", "fused_enabled", "TRANSLITERATIONS", "KERNELS", "compile_units",
+           "NVRTC_OPTIONS"]
+
+_state = {"fused": True}
+TRANSLITERATIONS: dict = {}  # kernel name -> NumPy function with the kernel's calling convention
+KERNELS: dict = {}  # kernel name -> Elementwise | Raw declaration
+# What CuPy passes to NVRTC for a RawKernel (cupy/cuda/compiler.py), with the H100/H200 architecture.
+NVRTC_OPTIONS = ("-ftz=true", "-arch=sm_90", "--device-as-default-execution-space", "--std=c++17")
+_BLOCK = 256
+_DTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+
+# -- dispatch ---------------------------------------------------------------------------------
+def fused_enabled() -> bool:
+    return _state["fused"]
+
+
+@contextlib.contextmanager
+def use_fused(enabled: bool):
+    """Within the block, CuPy arrays take the fused kernels (True) or the generic code (False).
+
+    For benchmarks and tests (``benchmarks/count_launches.py`` counts both);
+    switch only between training steps, since a layer's backward must take
+    the path its forward took.
+    """
+    saved = _state["fused"]
+    _state["fused"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _state["fused"] = saved
+
+
+def gpu_fast_path(fused):
+    """Decorator: call ``fused`` instead of the decorated generic function when an argument is a CuPy array.
+
+    ``fused`` takes the same arguments and returns the same results (up to
+    float rounding; the cache a layer keeps between forward and backward
+    may differ, since both are produced and consumed by the same path).
+    """
+    def decorate(generic):
+        @functools.wraps(generic)
+        def dispatch(*args, **kwargs):
+            if _state["fused"] and get_array_module(*args) is not np:
+                return fused(*args, **kwargs)
+            return generic(*args, **kwargs)
+
+        dispatch.generic, dispatch.fused = generic, fused
+        return dispatch
+
+    return decorate
+
+
+def _cache(xp, key, build):
+    """One compiled kernel object per array module and key (CuPy compiles on first call and caches)."""
+    store = _compiled.setdefault(id(xp), {})
+    if key not in store:
+        store[key] = build()
+    return store[key]
+
+
+_compiled: dict = {}
+
+
+def _grid(total: int) -> tuple:
+    return (max(1, min(math.ceil(total / _BLOCK), 65535 * 4)),)
+
+
+# -- declarations -----------------------------------------------------------------------------
+class Elementwise:
+    """A CuPy ``ElementwiseKernel``: ``T`` parameters are arrays (``raw`` ones indexed freely), others scalars."""
+
+    def __init__(self, name, in_params, out_params, operation, transliteration, arrays=()):
+        self.name, self.in_params, self.out_params, self.operation = name, in_params, out_params, operation
+        self.arrays = set(arrays)  # parameters of a concrete type that are arrays (the rest are scalars)
+        KERNELS[name] = self
+        TRANSLITERATIONS[name] = transliteration
+
+    def __call__(self, xp, *args):
+        kernel = _cache(xp, self.name, lambda: xp.ElementwiseKernel(
+            self.in_params, self.out_params, self.operation, self.name))
+        return kernel(*args)
+
+
+class Raw:
+    """A CuPy ``RawKernel`` per float dtype: ``source`` has ``{T}`` where the C type goes."""
+
+    def __init__(self, name, source, transliteration):
+        self.name, self.source = name, source
+        for ctype in _DTYPES.values():
+            KERNELS[self.kernel_name(ctype)] = self
+            TRANSLITERATIONS[self.kernel_name(ctype)] = transliteration
+
+    def kernel_name(self, ctype):
+        return f"{self.name}_{ctype}"
+
+    def code(self, ctype):
+        return self.source.replace("{T}", ctype).replace("{NAME}", self.kernel_name(ctype))
+
+    def __call__(self, xp, dtype, grid, args):
+        ctype = _DTYPES[np.dtype(dtype)]
+        kernel = _cache(xp, (self.name, ctype), lambda: xp.RawKernel(
+            self.code(ctype), self.kernel_name(ctype)))  # CuPy adds its own options
+        kernel(grid, (_BLOCK,), args)
+
+
+_HARNESS_TYPES = {"float32": "float", "float64": "double", "int32": "int", "int64": "long long"}
+
+
+def compile_units() -> list[tuple[str, str]]:
+    """``(name, CUDA source)`` of every kernel, self-contained, for an NVRTC compile check.
+
+    Raw kernels are compiled as they are, for float and double. An element-wise
+    body is wrapped the way CuPy wraps it: ``T`` a typedef, each array parameter
+    a reference to its element ``i``, raw ones pointers, scalars by value.
+    """
+    units, seen = [], set()
+    for name, k in KERNELS.items():
+        if isinstance(k, Raw):
+            if k.name in seen:
+                continue
+            seen.add(k.name)
+            units += [(k.kernel_name(c), k.code(c)) for c in _DTYPES.values()]
+            continue
+        for ctype in _DTYPES.values():
+            params, refs = [], []
+            for spec, is_out in ((k.in_params, False), (k.out_params, True)):
+                for part in filter(None, (p.strip() for p in spec.split(","))):
+                    words = part.split()
+                    raw = words[0] == "raw"
+                    typ, pname = words[-2], words[-1]
+                    c = ctype if typ == "T" else _HARNESS_TYPES[typ]
+                    if raw:
+                        params.append(f"const {c}* __restrict__ {pname}")
+                    elif typ == "T" or pname in k.arrays:
+                        params.append(f"{c}* __restrict__ {pname}_array")
+                        refs.append(f"{'' if is_out else 'const '}{c}& {pname} = {pname}_array[i];")
+                    else:
+                        params.append(f"const {c} {pname}")
+            src = (f"typedef {ctype} T;\n"
+                   f"extern \"C\" __global__ void {name}({', '.join(params)}, const long long n) {{\n"
+                   f"  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;"
+                   f" i += (long long)blockDim.x * gridDim.x) {{\n    " + "\n    ".join(refs)
+                   + f"\n    {k.operation.strip()}\n  }}\n}}\n")
+            units.append((f"{name}<{ctype}>", src))
+    return units
+
+
+# -- the backend's probe of NVRTC (minicnn.backend.set_backend("cupy")) --------------------------
+def _probe_numpy(x, y):
+    y[...] = x + x.dtype.type(1)
+
+
+_probe = Elementwise("minicnn_probe", "T x", "T y", "y = x + (T)1;", _probe_numpy)
+
+
+def probe(xp):
+    """Compile and run one tiny kernel: fails where NVRTC is missing. Returns the result (ones)."""
+    x = xp.zeros((4,), dtype=np.float32)
+    y = xp.empty_like(x)
+    _probe(xp, x, y)
+    return y
+
+
+# -- optimisers: one launch per parameter -----------------------------------------------------
+def _adam_numpy(g, step_size, bias2_sqrt, beta1, beta2, eps, l2, decay, p, m, v):
+    dt = p.dtype.type
+    gg = g + dt(l2) * p if l2 != 0.0 else g
+    if decay != 1.0:
+        p *= dt(decay)
+    m[...] = m * dt(beta1) + dt(1.0 - beta1) * gg
+    v[...] = v * dt(beta2) + dt(1.0 - beta2) * (gg * gg)
+    p -= dt(step_size) * (m / (np.sqrt(v) / dt(bias2_sqrt) + dt(eps)))
+
+
+_adam = Elementwise(
+    "minicnn_adam",
+    "T g, float64 step_size, float64 bias2_sqrt, float64 beta1, float64 beta2, float64 eps, float64 l2, "
+    "float64 decay",
+    "T p, T m, T v",
+    """
+    T gg = g;
+    if (l2 != 0.0) gg = gg + (T)l2 * p;
+    if (decay != 1.0) p = p * (T)decay;
+    m = m * (T)beta1 + (T)(1.0 - beta1) * gg;
+    v = v * (T)beta2 + (T)(1.0 - beta2) * (gg * gg);
+    p = p - (T)step_size * (m / (sqrt(v) / (T)bias2_sqrt + (T)eps));
+    """,
+    _adam_numpy,
+)
+
+
+def adam_update(p, g, m, v, *, t, lr, betas, eps, weight_decay, decoupled):
+    """Fused Adam / AdamW step of one parameter (the generic formula is in minicnn.optim.optimizers)."""
+    beta1, beta2 = betas
+    l2 = 0.0 if decoupled else weight_decay
+    decay = 1.0 - lr * weight_decay if decoupled else 1.0
+    _adam(get_array_module(p), g, lr / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t), beta1, beta2, eps,
+          l2, decay, p, m, v)
+
+
+def _sgd_numpy(g, lr, l2, p):
+    dt = p.dtype.type
+    gg = g + dt(l2) * p if l2 != 0.0 else g
+    p -= dt(lr) * gg
+
+
+def _sgd_momentum_numpy(g, lr, l2, momentum, dampening, first, nesterov, p, buf):
+    dt = p.dtype.type
+    gg = g + dt(l2) * p if l2 != 0.0 else g
+    buf[...] = gg if first else buf * dt(momentum) + dt(1.0 - dampening) * gg
+    step = gg + dt(momentum) * buf if nesterov else buf
+    p -= dt(lr) * step
+
+
+_sgd = Elementwise(
+    "minicnn_sgd", "T g, float64 lr, float64 l2", "T p",
+    """
+    T gg = g;
+    if (l2 != 0.0) gg = gg + (T)l2 * p;
+    p = p - (T)lr * gg;
+    """,
+    _sgd_numpy,
+)
+_sgd_momentum = Elementwise(
+    "minicnn_sgd_momentum",
+    "T g, float64 lr, float64 l2, float64 momentum, float64 dampening, int32 first, int32 nesterov",
+    "T p, T buf",
+    """
+    T gg = g;
+    if (l2 != 0.0) gg = gg + (T)l2 * p;
+    buf = first ? gg : buf * (T)momentum + (T)(1.0 - dampening) * gg;
+    p = p - (T)lr * (nesterov ? gg + (T)momentum * buf : buf);
+    """,
+    _sgd_momentum_numpy,
+)
+
+
+def sgd_update(p, g, buf, *, first, lr, momentum, nesterov, weight_decay, dampening):
+    """Fused SGD step of one parameter (``buf`` None without momentum)."""
+    xp = get_array_module(p)
+    if buf is None:
+        _sgd(xp, g, lr, weight_decay, p)
+    else:
+        _sgd_momentum(xp, g, lr, weight_decay, momentum, dampening, int(first), int(nesterov), p, buf)
+
+
+def _rmsprop_numpy(g, lr, alpha, eps, l2, momentum, p, s, a, b):
+    dt = p.dtype.type
+    gg = g + dt(l2) * p if l2 != 0.0 else g
+    s[...] = s * dt(alpha) + dt(1.0 - alpha) * (gg * gg)
+    if a is not None:
+        a[...] = a * dt(alpha) + dt(1.0 - alpha) * gg
+        d = np.sqrt(s - a * a) + dt(eps)
+    else:
+        d = np.sqrt(s) + dt(eps)
+    if b is not None:
+        b[...] = b * dt(momentum) + gg / d
+        p -= dt(lr) * b
+    else:
+        p -= dt(lr) * (gg / d)
+
+
+def _rmsprop_variant(centered, with_momentum):
+    outs = "T p, T s" + (", T a" if centered else "") + (", T b" if with_momentum else "")
+    body = ["T gg = g;", "if (l2 != 0.0) gg = gg + (T)l2 * p;", "s = s * (T)alpha + (T)(1.0 - alpha) * (gg * gg);"]
+    if centered:
+        body += ["a = a * (T)alpha + (T)(1.0 - alpha) * gg;", "T d = sqrt(s - a * a) + (T)eps;"]
+    else:
+        body += ["T d = sqrt(s) + (T)eps;"]
+    body += (["b = b * (T)momentum + gg / d;", "p = p - (T)lr * b;"] if with_momentum
+             else ["p = p - (T)lr * (gg / d);"])
+
+    def numpy_version(g, lr, alpha, eps, l2, momentum, p, s, *rest):
+        rest = list(rest)
+        a = rest.pop(0) if centered else None
+        b = rest.pop(0) if with_momentum else None
+        _rmsprop_numpy(g, lr, alpha, eps, l2, momentum, p, s, a, b)
+
+    name = f"minicnn_rmsprop{'_centered' if centered else ''}{'_momentum' if with_momentum else ''}"
+    return Elementwise(name, "T g, float64 lr, float64 alpha, float64 eps, float64 l2, float64 momentum", outs,
+                       "\n".join(body), numpy_version)
+
+
+_rmsprop = {(c, mo): _rmsprop_variant(c, mo) for c in (False, True) for mo in (False, True)}
+
+
+def rmsprop_update(p, g, s, a, b, *, lr, alpha, eps, weight_decay, momentum):
+    """Fused RMSprop step of one parameter (``a`` None unless centred, ``b`` None without momentum)."""
+    kernel = _rmsprop[(a is not None, b is not None)]
+    extra = [arr for arr in (a, b) if arr is not None]
+    kernel(get_array_module(p), g, lr, alpha, eps, weight_decay, momentum, p, s, *extra)
+
+
+# -- activations and dropout: one launch forward, one backward --------------------------------
+def _leaky_forward_numpy(x, slope, y):
+    y[...] = np.where(x > 0, x, x * x.dtype.type(slope))
+
+
+def _leaky_backward_numpy(x, dy, slope, dx):
+    dx[...] = np.where(x > 0, dy, dy * dy.dtype.type(slope))
+
+
+_leaky_forward = Elementwise("minicnn_leaky_relu_forward", "T x, float64 slope", "T y",
+                             "y = x > (T)0 ? x : x * (T)slope;", _leaky_forward_numpy)
+_leaky_backward = Elementwise("minicnn_leaky_relu_backward", "T x, T dy, float64 slope", "T dx",
+                              "dx = x > (T)0 ? dy : dy * (T)slope;", _leaky_backward_numpy)
+
+
+def leaky_relu_forward(x, slope):
+    """``(out, cache)``: out = x if x > 0 else slope * x; the cache is ``x`` itself."""
+    xp = get_array_module(x)
+    out = xp.empty_like(x)
+    _leaky_forward(xp, x, float(slope), out)
+    return out, x
+
+
+def leaky_relu_backward(dout, x, slope):
+    """dx = dout if x > 0 else slope * dout."""
+    xp = get_array_module(dout)
+    dx = xp.empty_like(dout)
+    _leaky_backward(xp, x, dout, float(slope), dx)
+    return dx
+
+
+def _dropout_numpy(x, u, p, scale, y):
+    y[...] = np.where(u >= np.float32(p), x * x.dtype.type(scale), x.dtype.type(0))
+
+
+_dropout = Elementwise("minicnn_dropout", "T x, float32 u, float64 p, float64 scale", "T y",
+                       "y = u >= (float)p ? x * (T)scale : (T)0;", _dropout_numpy, arrays=("u",))
+
+
+def dropout_forward(x, p, rng):
+    """``(out, cache)``: one float32 draw per unit into a buffer, then one launch; the cache is the draws."""
+    xp = get_array_module(x)
+    u = rng.random_sample(x.shape, dtype=np.float32)
+    out = xp.empty_like(x)
+    _dropout(xp, x, u, float(p), 1.0 / (1.0 - p), out)
+    return out, u
+
+
+def dropout_backward(dout, u, p):
+    xp = get_array_module(dout)
+    dx = xp.empty_like(dout)
+    _dropout(xp, dout, u, float(p), 1.0 / (1.0 - p), dx)
+    return dx
+
+
+# -- batch normalisation: statistics in one launch, normalisation in one ----------------------
+def _channel_view(a, c, hw):
+    """(N, C, HW) view of an (N, C, H, W) or (N, C) array (HW = 1)."""
+    return a.reshape(-1, c, hw)
+
+
+def _bn_stats_numpy(grid, block, x, mean, inv_std, run_mean, run_var, n, c, hw, eps, momentum):
+    xs = _channel_view(x, int(c), int(hw)).astype(np.float64)
+    m = int(n) * int(hw)
+    mu = xs.mean(axis=(0, 2))
+    var = ((xs - mu[None, :, None]) ** 2).sum(axis=(0, 2)) / m
+    mean[...] = mu
+    inv_std[...] = 1.0 / np.sqrt(var + float(eps))
+    mom = float(momentum)
+    run_mean[...] = (1.0 - mom) * run_mean.astype(np.float64) + mom * mu
+    run_var[...] = (1.0 - mom) * run_var.astype(np.float64) + mom * m / (m - 1) * var
+
+
+_SUM_BLOCK = r"""
+  // tree reduction of one value per thread over the block (blockDim.x == 256)
+  buf[threadIdx.x] = acc;
+  __syncthreads();
+  for (int k = blockDim.x / 2; k > 0; k >>= 1) {
+    if (threadIdx.x < k) buf[threadIdx.x] += buf[threadIdx.x + k];
+    __syncthreads();
+  }
+"""
+
+_bn_stats = Raw("minicnn_bn_stats", r"""
+// One block per channel: batch mean and biased variance (two passes, double accumulators),
+// 1 / sqrt(var + eps), and the running statistics updated as PyTorch does.
+extern "C" __global__ void {NAME}(const {T}* x, {T}* mean, {T}* inv_std, {T}* run_mean, {T}* run_var,
+                                  const int n, const int c, const int hw, const double eps, const double momentum) {
+  __shared__ double buf[256];
+  const int ch = blockIdx.x;
+  const long long m = (long long)n * hw;
+  double acc = 0.0;
+  for (long long j = threadIdx.x; j < m; j += blockDim.x)
+    acc += (double)x[((j / hw) * c + ch) * hw + j % hw];
+""" + _SUM_BLOCK + r"""
+  const double mu = buf[0] / (double)m;
+  __syncthreads();
+  acc = 0.0;
+  for (long long j = threadIdx.x; j < m; j += blockDim.x) {
+    const double d = (double)x[((j / hw) * c + ch) * hw + j % hw] - mu;
+    acc += d * d;
+  }
+""" + _SUM_BLOCK + r"""
+  if (threadIdx.x == 0) {
+    const double var = buf[0] / (double)m;
+    mean[ch] = ({T})mu;
+    inv_std[ch] = ({T})(1.0 / sqrt(var + eps));
+    run_mean[ch] = ({T})((1.0 - momentum) * (double)run_mean[ch] + momentum * mu);
+    run_var[ch] = ({T})((1.0 - momentum) * (double)run_var[ch] + momentum * (double)m / (double)(m - 1) * var);
+  }
+}
+""", _bn_stats_numpy)
+
+
+def _bn_apply_numpy(x, mean, inv_std, gamma, beta, c, hw, xhat, y):
+    xs = _channel_view(x, int(c), int(hw))
+    sl = (None, slice(None), None)
+    xh = (xs - mean[sl]) * inv_std[sl]
+    _channel_view(xhat, int(c), int(hw))[...] = xh
+    _channel_view(y, int(c), int(hw))[...] = xh * gamma[sl] + beta[sl]
+
+
+_bn_apply = Elementwise(
+    "minicnn_bn_apply", "T x, raw T mean, raw T inv_std, raw T gamma, raw T beta, int32 c, int32 hw", "T xhat, T y",
+    """
+    const int ch = (int)((i / hw) % c);
+    xhat = (x - mean[ch]) * inv_std[ch];
+    y = xhat * gamma[ch] + beta[ch];
+    """,
+    _bn_apply_numpy,
+)
+
+
+def _bn_grad_sums_numpy(grid, block, dy, xhat, dgamma, dbeta, n, c, hw):
+    d = _channel_view(dy, int(c), int(hw)).astype(np.float64)
+    dbeta[...] = d.sum(axis=(0, 2))
+    dgamma[...] = (d * _channel_view(xhat, int(c), int(hw))).sum(axis=(0, 2))
+
+
+_bn_grad_sums = Raw("minicnn_bn_grad_sums", r"""
+// One block per channel: dbeta = sum dy, dgamma = sum dy * xhat (double accumulators).
+extern "C" __global__ void {NAME}(const {T}* dy, const {T}* xhat, {T}* dgamma, {T}* dbeta,
+                                  const int n, const int c, const int hw) {
+  __shared__ double buf[256];
+  const int ch = blockIdx.x;
+  const long long m = (long long)n * hw;
+  double acc = 0.0;
+  for (long long j = threadIdx.x; j < m; j += blockDim.x) acc += (double)dy[((j / hw) * c + ch) * hw + j % hw];
+""" + _SUM_BLOCK + r"""
+  if (threadIdx.x == 0) dbeta[ch] = ({T})buf[0];
+  __syncthreads();
+  acc = 0.0;
+  for (long long j = threadIdx.x; j < m; j += blockDim.x) {
+    const long long k = ((j / hw) * c + ch) * hw + j % hw;
+    acc += (double)dy[k] * (double)xhat[k];
+  }
+""" + _SUM_BLOCK + r"""
+  if (threadIdx.x == 0) dgamma[ch] = ({T})buf[0];
+}
+""", _bn_grad_sums_numpy)
+
+
+def _bn_dx_numpy(dy, xhat, gamma, inv_std, dgamma, dbeta, c, hw, inv_m, batch_stats, dx):
+    sl = (None, slice(None), None)
+    d, xh = _channel_view(dy, int(c), int(hw)), _channel_view(xhat, int(c), int(hw))
+    g = (gamma * inv_std)[sl]
+    t = dy.dtype.type(inv_m)
+    out = g * (d - t * dbeta[sl] - xh * (t * dgamma[sl])) if batch_stats else d * g
+    _channel_view(dx, int(c), int(hw))[...] = out
+
+
+_bn_dx = Elementwise(
+    "minicnn_bn_dx",
+    "T dy, T xhat, raw T gamma, raw T inv_std, raw T dgamma, raw T dbeta, int32 c, int32 hw, float64 inv_m, "
+    "int32 batch_stats",
+    "T dx",
+    """
+    const int ch = (int)((i / hw) % c);
+    const T g = gamma[ch] * inv_std[ch];
+    dx = batch_stats ? g * (dy - (T)inv_m * dbeta[ch] - xhat * ((T)inv_m * dgamma[ch])) : dy * g;
+    """,
+    _bn_dx_numpy,
+)
+
+
+def _nc_hw(x):
+    c = x.shape[1]
+    return c, x.size // (x.shape[0] * c)
+
+
+def batchnorm_train_forward(x, gamma, beta, running_mean, running_var, eps, momentum, axes, sum_of_products):
+    """Fused training-mode BatchNorm: ``(out, xhat, inv_std)``, running statistics updated in place."""
+    xp = get_array_module(x)
+    x = xp.ascontiguousarray(x)
+    c, hw = _nc_hw(x)
+    mean, inv_std = xp.empty((c,), dtype=x.dtype), xp.empty((c,), dtype=x.dtype)
+    _bn_stats(xp, x.dtype, (c,), (x, mean, inv_std, running_mean, running_var, np.int32(x.shape[0]),
+                                  np.int32(c), np.int32(hw), np.float64(eps), np.float64(momentum)))
+    xhat, out = xp.empty_like(x), xp.empty_like(x)
+    _bn_apply(xp, x, mean, inv_std, gamma, beta, c, hw, xhat, out)
+    return out, xhat, inv_std
+
+
+def batchnorm_eval_forward(x, gamma, beta, running_mean, running_var, eps):
+    """Fused evaluation-mode BatchNorm: ``(out, xhat, inv_std)`` with the running statistics."""
+    xp = get_array_module(x)
+    x = xp.ascontiguousarray(x)
+    c, hw = _nc_hw(x)
+    inv_std = (1.0 / xp.sqrt(running_var + eps)).astype(x.dtype, copy=False)
+    xhat, out = xp.empty_like(x), xp.empty_like(x)
+    _bn_apply(xp, x, running_mean, inv_std, gamma, beta, c, hw, xhat, out)
+    return out, xhat, inv_std
+
+
+def batchnorm_backward(dout, xhat, inv_std, gamma, batch_stats, axes, sum_of_products):
+    """Fused BatchNorm backward: ``(dx, dgamma, dbeta)`` (sums in one launch, dx in one)."""
+    xp = get_array_module(dout)
+    dout = xp.ascontiguousarray(dout)
+    c, hw = _nc_hw(dout)
+    dgamma, dbeta = xp.empty((c,), dtype=dout.dtype), xp.empty((c,), dtype=dout.dtype)
+    _bn_grad_sums(xp, dout.dtype, (c,), (dout, xhat, dgamma, dbeta, np.int32(dout.shape[0]), np.int32(c),
+                                         np.int32(hw)))
+    dx = xp.empty_like(dout)
+    m = dout.size // c
+    _bn_dx(xp, dout, xhat, gamma, inv_std.reshape(-1), dgamma, dbeta, c, hw, 1.0 / m, int(batch_stats), dx)
+    return dx, dgamma, dbeta
+
+
+# -- im2col / col2im: gathers, one thread per output element, no atomics (as Chainer) ----------
+def _im2col_numpy(grid, block, x, cols, n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow):
+    n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow = map(int, (n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow))
+    xpad = np.pad(x.reshape(n, c, h, w), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    out = cols.reshape(c, kh, kw, n, oh, ow)
+    for u in range(kh):
+        for v in range(kw):
+            out[:, u, v] = xpad[:, :, u : u + sh * oh : sh, v : v + sw * ow : sw].transpose(1, 0, 2, 3)
+
+
+_im2col = Raw("minicnn_im2col", r"""
+// cols[(ch, u, v), (b, i, j)] = x[b, ch, i*sh - ph + u, j*sw - pw + v], or 0 in the padding.
+extern "C" __global__ void {NAME}(const {T}* x, {T}* cols, const int n, const int c, const int h, const int w,
+                                  const int kh, const int kw, const int sh, const int sw, const int ph, const int pw,
+                                  const int oh, const int ow) {
+  const long long total = (long long)c * kh * kw * n * oh * ow;
+  for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
+       t += (long long)blockDim.x * gridDim.x) {
+    long long r = t;
+    const int j = r % ow; r /= ow;
+    const int i = r % oh; r /= oh;
+    const int b = r % n;  r /= n;
+    const int v = r % kw; r /= kw;
+    const int u = r % kh;
+    const int ch = r / kh;
+    const int y = i * sh - ph + u, xx = j * sw - pw + v;
+    cols[t] = (y >= 0 && y < h && xx >= 0 && xx < w) ? x[(((long long)b * c + ch) * h + y) * w + xx] : ({T})0;
+  }
+}
+""", _im2col_numpy)
+
+
+def _col2im_numpy(grid, block, cols, dx, n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow):
+    n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow = map(int, (n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow))
+    cols6 = cols.reshape(c, kh, kw, n, oh, ow)
+    dxpad = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=cols.dtype)
+    for u in range(kh):
+        for v in range(kw):
+            dxpad[:, :, u : u + sh * oh : sh, v : v + sw * ow : sw] += cols6[:, u, v].transpose(1, 0, 2, 3)
+    dx.reshape(n, c, h, w)[...] = dxpad[:, :, ph : ph + h, pw : pw + w]
+
+
+_col2im = Raw("minicnn_col2im", r"""
+// One thread per input pixel: the sum of the column entries that were read from it.
+extern "C" __global__ void {NAME}(const {T}* cols, {T}* dx, const int n, const int c, const int h, const int w,
+                                  const int kh, const int kw, const int sh, const int sw, const int ph, const int pw,
+                                  const int oh, const int ow) {
+  const long long total = (long long)n * c * h * w;
+  for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
+       t += (long long)blockDim.x * gridDim.x) {
+    long long r = t;
+    const int xx = r % w; r /= w;
+    const int y = r % h;  r /= h;
+    const int ch = r % c;
+    const int b = r / c;
+    {T} acc = 0;
+    for (int u = 0; u < kh; ++u) {
+      const int yy = y + ph - u;
+      if (yy < 0 || yy % sh != 0 || yy / sh >= oh) continue;
+      for (int v = 0; v < kw; ++v) {
+        const int xv = xx + pw - v;
+        if (xv < 0 || xv % sw != 0 || xv / sw >= ow) continue;
+        acc += cols[((((long long)ch * kh + u) * kw + v) * n + b) * oh * ow + (long long)(yy / sh) * ow + xv / sw];
+      }
+    }
+    dx[t] = acc;
+  }
+}
+""", _col2im_numpy)
+
+
+def _conv_geometry(shape, kh, kw, stride, padding):
+    from .layers.conv import conv_output_size, pair  # noqa: PLC0415  (layers import this module)
+
+    (sh, sw), (ph, pw) = pair(stride, "stride"), pair(padding, "padding")
+    n, c, h, w = shape
+    return n, c, h, w, sh, sw, ph, pw, conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
+
+
+def im2col(x, kh, kw, stride=1, padding=0):
+    """Fused :func:`minicnn.layers.conv.im2col`: one gather launch, padding read as zeros (no padded copy)."""
+    xp = get_array_module(x)
+    x = xp.ascontiguousarray(x)
+    n, c, h, w, sh, sw, ph, pw, oh, ow = _conv_geometry(x.shape, kh, kw, stride, padding)
+    cols = xp.empty((c * kh * kw, n * oh * ow), dtype=x.dtype)
+    i32 = np.int32
+    _im2col(xp, x.dtype, _grid(cols.size), (x, cols, *map(i32, (n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow))))
+    return cols
+
+
+def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
+    """Fused :func:`minicnn.layers.conv.col2im`: one launch, each input pixel sums its entries (no atomics)."""
+    xp = get_array_module(cols)
+    cols = xp.ascontiguousarray(cols)
+    n, c, h, w, sh, sw, ph, pw, oh, ow = _conv_geometry(tuple(x_shape), kh, kw, stride, padding)
+    dx = xp.empty((n, c, h, w), dtype=cols.dtype)
+    i32 = np.int32
+    _col2im(xp, cols.dtype, _grid(dx.size), (cols, dx, *map(i32, (n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow))))
+    return dx
+
+
+# -- max pooling: one thread per output (forward) or input (backward) element -----------------
+def _maxpool_forward_numpy(grid, block, x, out, arg, n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow):
+    n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow = map(int, (n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow))
+    xpad = np.pad(x.reshape(n, c, h, w), ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=-np.inf)
+    o, a = out.reshape(n, c, oh, ow), arg.reshape(n, c, oh, ow)
+    for k in range(kh * kw):
+        u, v = divmod(k, kw)
+        view = xpad[:, :, u : u + sh * oh : sh, v : v + sw * ow : sw]
+        if k == 0:
+            o[...], a[...] = view, 0
+        else:
+            better = view > o
+            a[better] = k
+            np.maximum(o, view, out=o)
+
+
+_maxpool_forward = Raw("minicnn_maxpool_forward", r"""
+// One thread per output: the window's maximum (padding is -inf) and which offset u*kw+v won (the first on ties).
+extern "C" __global__ void {NAME}(const {T}* x, {T}* out, int* arg, const int n, const int c, const int h,
+                                  const int w, const int kh, const int kw, const int sh, const int sw, const int ph,
+                                  const int pw, const int oh, const int ow) {
+  const long long total = (long long)n * c * oh * ow;
+  for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
+       t += (long long)blockDim.x * gridDim.x) {
+    long long r = t;
+    const int j = r % ow; r /= ow;
+    const int i = r % oh; r /= oh;          // r = b * c + ch
+    const {T}* plane = x + r * h * w;
+    {T} best = 0;
+    int best_k = -1;
+    for (int u = 0; u < kh; ++u) {
+      const int y = i * sh - ph + u;
+      for (int v = 0; v < kw; ++v) {
+        const int xx = j * sw - pw + v;
+        if (y < 0 || y >= h || xx < 0 || xx >= w) continue;   // -inf never beats a real value
+        const {T} val = plane[y * w + xx];
+        if (best_k < 0 || val > best) { best = val; best_k = u * kw + v; }
+      }
+    }
+    out[t] = best;
+    arg[t] = best_k;
+  }
+}
+""", _maxpool_forward_numpy)
+
+
+def _maxpool_backward_numpy(grid, block, dout, arg, dx, n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow):
+    n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow = map(int, (n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow))
+    d, a = dout.reshape(n, c, oh, ow), arg.reshape(n, c, oh, ow)
+    dxpad = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=dout.dtype)
+    for k in range(kh * kw):
+        u, v = divmod(k, kw)
+        dxpad[:, :, u : u + sh * oh : sh, v : v + sw * ow : sw] += np.where(a == k, d, 0)
+    dx.reshape(n, c, h, w)[...] = dxpad[:, :, ph : ph + h, pw : pw + w]
+
+
+_maxpool_backward = Raw("minicnn_maxpool_backward", r"""
+// One thread per input pixel: the sum of dout over the windows whose maximum it was.
+extern "C" __global__ void {NAME}(const {T}* dout, const int* arg, {T}* dx, const int n, const int c, const int h,
+                                  const int w, const int kh, const int kw, const int sh, const int sw, const int ph,
+                                  const int pw, const int oh, const int ow) {
+  const long long total = (long long)n * c * h * w;
+  for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
+       t += (long long)blockDim.x * gridDim.x) {
+    long long r = t;
+    const int xx = r % w; r /= w;
+    const int y = r % h;  r /= h;           // r = b * c + ch
+    {T} acc = 0;
+    for (int u = 0; u < kh; ++u) {
+      const int yy = y + ph - u;
+      if (yy < 0 || yy % sh != 0 || yy / sh >= oh) continue;
+      for (int v = 0; v < kw; ++v) {
+        const int xv = xx + pw - v;
+        if (xv < 0 || xv % sw != 0 || xv / sw >= ow) continue;
+        const long long o = (r * oh + yy / sh) * ow + xv / sw;
+        if (arg[o] == u * kw + v) acc += dout[o];
+      }
+    }
+    dx[t] = acc;
+  }
+}
+""", _maxpool_backward_numpy)
+
+
+def maxpool2d_forward(layer, x, training=True):
+    """Fused :meth:`minicnn.MaxPool2D.forward`: one launch; keeps the winning offsets (int32) for backward."""
+    xp = get_array_module(x)
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    if x.ndim != 4:
+        raise layer._bad_input("(N, C, H, W)", x)
+    if x.shape[2] + 2 * ph < kh or x.shape[3] + 2 * pw < kw:
+        layer._offsets(x, -np.inf)  # raises the layer's own error (kernel larger than the padded input)
+    x = xp.ascontiguousarray(x)
+    n, c, h, w = x.shape
+    oh, ow = layer.output_shape(h, w)
+    out = xp.empty((n, c, oh, ow), dtype=x.dtype)
+    arg = xp.empty((n, c, oh, ow), dtype=np.int32)
+    i32 = np.int32
+    _maxpool_forward(xp, x.dtype, _grid(out.size),
+                     (x, out, arg, *map(i32, (n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow))))
+    layer.cache = ("fused", x.shape, arg)
+    return out
+
+
+def maxpool2d_backward(layer, dout):
+    """Fused :meth:`minicnn.MaxPool2D.backward`: one launch, each input pixel gathers its windows' gradients."""
+    xp = get_array_module(dout)
+    _, x_shape, arg = layer.cache
+    dout = xp.ascontiguousarray(dout)
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    n, c, h, w = x_shape
+    oh, ow = dout.shape[2], dout.shape[3]
+    dx = xp.empty(x_shape, dtype=dout.dtype)
+    i32 = np.int32
+    _maxpool_backward(xp, dout.dtype, _grid(dx.size),
+                      (dout, arg, dx, *map(i32, (n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow))))
+    layer.cache = None
+    return dx
+
+
+# -- augmentation: the bilinear affine warp in one launch -------------------------------------
+def _affine_warp_numpy(grid, block, x, m, out, n, c, h, w):
+    n, c, h, w = map(int, (n, c, h, w))
+    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+    u = (np.arange(h, dtype=np.float64) - cy)[None, :, None]
+    v = (np.arange(w, dtype=np.float64) - cx)[None, None, :]
+    mm = m.reshape(n, 6)[:, :, None, None]
+    sr = np.clip(mm[:, 0] * u + mm[:, 1] * v + mm[:, 2] + cy, 0.0, h - 1.0)
+    sc = np.clip(mm[:, 3] * u + mm[:, 4] * v + mm[:, 5] + cx, 0.0, w - 1.0)
+    r0, c0 = np.floor(sr).astype(np.int64), np.floor(sc).astype(np.int64)
+    wr, wc = (sr - r0).astype(x.dtype)[:, None], (sc - c0).astype(x.dtype)[:, None]
+    r1, c1 = np.minimum(r0 + 1, h - 1), np.minimum(c0 + 1, w - 1)
+    planes = x.reshape(n, c, h * w)
+
+    def at(r, col):
+        return np.take_along_axis(planes, (r * w + col).reshape(n, 1, h * w), axis=2).reshape(n, c, h, w)
+
+    one = x.dtype.type(1)
+    top = at(r0, c0) * (one - wc) + at(r0, c1) * wc
+    bottom = at(r1, c0) * (one - wc) + at(r1, c1) * wc
+    out.reshape(n, c, h, w)[...] = top * (one - wr) + bottom * wr
+
+
+_affine_warp = Raw("minicnn_affine_warp", r"""
+// One thread per output pixel: its source point under the image's affine map m (2 x 3, about the centre),
+// clamped to the image (edge replication), sampled bilinearly.
+extern "C" __global__ void {NAME}(const {T}* x, const double* m, {T}* out, const int n, const int c, const int h,
+                                  const int w) {
+  const long long total = (long long)n * c * h * w;
+  const double cy = (h - 1) / 2.0, cx = (w - 1) / 2.0;
+  for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
+       t += (long long)blockDim.x * gridDim.x) {
+    long long r = t;
+    const int j = r % w; r /= w;
+    const int i = r % h; r /= h;            // r = b * c + ch
+    const double* mb = m + (r / c) * 6;
+    const double u = i - cy, v = j - cx;
+    const double sr = fmin(fmax(mb[0] * u + mb[1] * v + mb[2] + cy, 0.0), h - 1.0);
+    const double sc = fmin(fmax(mb[3] * u + mb[4] * v + mb[5] + cx, 0.0), w - 1.0);
+    const int r0 = (int)floor(sr), c0 = (int)floor(sc);
+    const int r1 = min(r0 + 1, h - 1), c1 = min(c0 + 1, w - 1);
+    const {T} wr = ({T})(sr - r0), wc = ({T})(sc - c0);
+    const {T}* p = x + r * h * w;
+    const {T} top = p[r0 * w + c0] * (({T})1 - wc) + p[r0 * w + c1] * wc;
+    const {T} bottom = p[r1 * w + c0] * (({T})1 - wc) + p[r1 * w + c1] * wc;
+    out[t] = top * (({T})1 - wr) + bottom * wr;
+  }
+}
+""", _affine_warp_numpy)
+
+
+def affine_warp(x, inv_matrices):
+    """Fused :func:`minicnn.data.augment.affine_warp`: one launch for the whole batch."""
+    xp = get_array_module(x)
+    x = xp.ascontiguousarray(x)
+    m = xp.ascontiguousarray(xp.asarray(inv_matrices, dtype=np.float64))
+    n, c, h, w = x.shape
+    out = xp.empty_like(x)
+    _affine_warp(xp, x.dtype, _grid(out.size), (x, m, out, *map(np.int32, (n, c, h, w))))
+    return out

@@ -1,0 +1,695 @@
+"""A strict, NumPy-backed stand-in for CuPy, for the tests only.
+
+CI has no GPU, so the CuPy path of minicnn would otherwise never run before
+it meets a real one. This module imitates the part of CuPy's API that minicnn
+uses, and is *stricter* than a plain NumPy alias in the ways that matter:
+
+* its arrays are a distinct type (``fakecupy.ndarray``, whose ``__module__``
+  is ``"cupy"`` so :func:`minicnn.backend.get_array_module` sees a device
+  array); ``numpy.asarray(a)``, ``float(a)`` of a non-scalar, and any mixing
+  with NumPy arrays (``a + np_array``, ``np.concatenate([a])``, a NumPy
+  index or value) raise ``TypeError``, as CuPy does;
+* it records every **host sync** (``float``, ``int``, ``bool``, ``.item()``,
+  ``.get()``, ``asnumpy``, ``repr``, boolean-mask indexing, ``randint`` over a
+  range that is not a power of two, which CuPy samples by rejection with a
+  read-back) and every **host-device copy**, each with the line of project
+  code that caused it;
+* it counts **launches**: one per array operation that CuPy would run as a
+  kernel (element-wise operations, reductions, copies, random draws,
+  ``ElementwiseKernel`` / ``RawKernel`` calls); views (reshape of contiguous
+  data, transposes, basic slices) and ``empty`` allocations are free;
+* ``ElementwiseKernel`` and ``RawKernel`` check their arguments against the
+  declared parameters (count, array or scalar, dtypes, shapes; for a raw
+  kernel the C signature parsed from the source) and then run the NumPy
+  transliteration registered for that kernel name (``EMULATIONS``, filled
+  from :data:`minicnn.kernels.TRANSLITERATIONS`), counted as one launch.
+
+What it cannot prove: that the CUDA sources compute the right numbers (the
+NVRTC check only proves they compile; the transliterations are tested
+against the generic code), floating-point behaviour of the GPU, the real
+number of kernels CuPy launches for a routine (``einsum`` is counted as 3:
+two layout copies and a product), timings, memory limits, or asynchronous
+races. Those need ``benchmarks/gpu_suite.sh`` on a real GPU.
+
+Use: ``install()`` puts this module in ``sys.modules["cupy"]`` (the test
+fixtures do it with ``monkeypatch``); ``ledger`` holds the records.
+"""
+from __future__ import annotations
+
+import builtins
+import collections
+import contextlib
+import math
+import operator
+import os
+import re
+import sys
+import types
+
+import numpy as _np
+
+__version__ = "0.0-fakecupy"
+_HERE = os.path.abspath(__file__)
+
+# Names that are this stand-in's own test tools, not part of CuPy's API.
+TEST_ONLY = {"ledger", "Ledger", "install", "EMULATIONS", "TEST_ONLY", "counting", "is_fake", "DEVICE_COUNT"}
+
+DEVICE_COUNT = 1  # what cuda.runtime.getDeviceCount() answers (tests set 0 to imitate "no GPU")
+
+
+# -- the ledger ---------------------------------------------------------------------------------
+def _where() -> str:
+    """``file:line`` of the first caller outside this module (the project line responsible)."""
+    f = sys._getframe(1)
+    while f is not None and os.path.abspath(f.f_code.co_filename) == _HERE:
+        f = f.f_back
+    if f is None:  # pragma: no cover
+        return "?"
+    return f"{os.path.relpath(f.f_code.co_filename)}:{f.f_lineno}"
+
+
+class Ledger:
+    """What the device was asked to do: launches, host syncs and host-device copies."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.launches: collections.Counter = collections.Counter()  # (operation, where) -> count
+        self.syncs: list[tuple[str, str]] = []  # (kind, where)
+        self.copies: list[tuple[str, int, str]] = []  # ("H2D" | "D2H", bytes, where)
+
+    @property
+    def n_launches(self) -> int:
+        return builtins.sum(self.launches.values())
+
+    def launch(self, name: str, n: int = 1) -> None:
+        self.launches[(name, _where())] += n
+
+    def sync(self, kind: str) -> None:
+        self.syncs.append((kind, _where()))
+
+    def copy(self, direction: str, nbytes: int) -> None:
+        self.copies.append((direction, int(nbytes), _where()))
+
+    def by_operation(self) -> collections.Counter:
+        out: collections.Counter = collections.Counter()
+        for (name, _), n in self.launches.items():
+            out[name] += n
+        return out
+
+    def summary(self) -> str:
+        syncs = collections.Counter(w for _, w in self.syncs)
+        return (f"{self.n_launches} launches, {len(self.syncs)} syncs {dict(syncs)}, "
+                f"{len(self.copies)} copies")
+
+
+ledger = Ledger()
+
+
+@contextlib.contextmanager
+def counting():
+    """A fresh ledger for the ``with`` block (the global one is restored afterwards)."""
+    global ledger
+    saved, ledger = ledger, Ledger()
+    try:
+        yield ledger
+    finally:
+        ledger = saved
+
+
+def _refuse(what: str):
+    raise TypeError(f"fakecupy: {what}: CuPy refuses implicit conversion between host (NumPy) and device "
+                    f"arrays; use cupy.asarray(...) to copy to the device or .get() / cupy.asnumpy(...) to copy back "
+                    f"(at {_where()})")
+
+
+# -- arrays -------------------------------------------------------------------------------------
+def _unwrap(v, what="operand"):
+    if type(v) is ndarray:
+        return v._a
+    if isinstance(v, _np.ndarray):
+        _refuse(f"{what} is a numpy.ndarray")
+    if isinstance(v, list):
+        return [_unwrap(i, what) for i in v]
+    if isinstance(v, tuple):
+        return tuple(_unwrap(i, what) for i in v)
+    return v
+
+
+def _wrap(r):
+    if isinstance(r, _np.ndarray):
+        return ndarray(r)
+    if isinstance(r, _np.generic):
+        return ndarray(_np.asarray(r))
+    if isinstance(r, tuple):
+        return tuple(_wrap(i) for i in r)
+    if isinstance(r, list):
+        return [_wrap(i) for i in r]
+    return r
+
+
+def _binary(name, fn, reflected=False):
+    def method(self, other):
+        if isinstance(other, _np.ndarray):
+            _refuse(f"'{name}' with a numpy.ndarray operand")
+        ledger.launch(name)
+        o = _unwrap(other)
+        return _wrap(fn(o, self._a) if reflected else fn(self._a, o))
+    method.__name__ = f"__{name}__"
+    return method
+
+
+def _inplace(name, fn):
+    def method(self, other):
+        if isinstance(other, _np.ndarray):
+            _refuse(f"'{name}' with a numpy.ndarray operand")
+        ledger.launch(name)
+        fn(self._a, _unwrap(other))
+        return self
+    method.__name__ = f"__{name}__"
+    return method
+
+
+def _is_view(base: _np.ndarray, result: _np.ndarray) -> bool:
+    return result.base is not None and _np.shares_memory(base, result)
+
+
+class ndarray:
+    """A device array: a NumPy array behind a wall."""
+
+    __slots__ = ("_a",)
+    __array_ufunc__ = None  # NumPy binary operators defer to ours, which refuse NumPy operands
+
+    def __init__(self, a):
+        if type(a) is not _np.ndarray:
+            raise TypeError("fakecupy.ndarray wraps a numpy.ndarray; use cupy.asarray to make one")
+        self._a = a
+
+    # NumPy must not see inside
+    def __array__(self, *args, **kwargs):
+        _refuse("numpy.asarray / numpy.array of a device array")
+
+    def __array_function__(self, func, types_, args, kwargs):
+        _refuse(f"numpy.{func.__name__} called with a device array")
+
+    # metadata lives on the host: no sync
+    shape = property(lambda self: self._a.shape)
+    dtype = property(lambda self: self._a.dtype)
+    ndim = property(lambda self: self._a.ndim)
+    size = property(lambda self: self._a.size)
+    nbytes = property(lambda self: self._a.nbytes)
+    itemsize = property(lambda self: self._a.itemsize)
+    strides = property(lambda self: self._a.strides)
+    flags = property(lambda self: self._a.flags)
+    T = property(lambda self: ndarray(self._a.T))
+
+    def __len__(self):
+        return len(self._a)
+
+    def __iter__(self):  # CuPy yields device sub-arrays
+        for i in range(len(self._a)):
+            yield ndarray(self._a[i : i + 1].reshape(self._a.shape[1:]))
+
+    # host syncs
+    def _scalar(self, kind):
+        if self._a.size != 1:
+            raise TypeError(f"fakecupy: {kind}() of a device array of shape {self._a.shape}: "
+                            f"only size-1 arrays can be converted to Python scalars (at {_where()})")
+        ledger.sync(kind)
+        ledger.copy("D2H", self._a.itemsize)
+        return self._a.reshape(()).item()
+
+    def __float__(self):
+        return float(self._scalar("float"))
+
+    def __int__(self):
+        return int(self._scalar("int"))
+
+    def __bool__(self):
+        return bool(self._scalar("bool"))
+
+    def __complex__(self):
+        return complex(self._scalar("complex"))
+
+    def item(self):
+        return self._scalar("item")
+
+    def tolist(self):
+        ledger.sync("tolist")
+        ledger.copy("D2H", self._a.nbytes)
+        return self._a.tolist()
+
+    def get(self, stream=None, order="C", out=None, blocking=True):
+        ledger.sync("get")
+        ledger.copy("D2H", self._a.nbytes)
+        return _np.array(self._a, copy=True)
+
+    def __repr__(self):
+        ledger.sync("repr")
+        return "fakecupy." + repr(self._a)
+
+    __str__ = __repr__
+
+    def __format__(self, spec):
+        if self._a.size == 1:
+            return format(self._scalar("format"), spec)
+        return format(repr(self), spec)
+
+    # indexing
+    def _key(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        out, advanced = [], False
+        for k in key:
+            if isinstance(k, _np.ndarray):
+                _refuse("indexing a device array with a numpy.ndarray")
+            if type(k) is ndarray:
+                if k._a.dtype == _np.bool_:
+                    ledger.sync("boolean-mask indexing")  # the result's size depends on the data
+                advanced = True
+                out.append(k._a)
+            elif isinstance(k, list):
+                advanced = True
+                ledger.copy("H2D", 8 * len(k))
+                out.append(k)
+            else:
+                out.append(k)
+        return tuple(out), advanced
+
+    def __getitem__(self, key):
+        k, advanced = self._key(key)
+        r = self._a[k]
+        if advanced or not _is_view(self._a, r):
+            ledger.launch("getitem (gather)")
+            r = _np.array(r)
+        return _wrap(r)
+
+    def __setitem__(self, key, value):
+        if isinstance(value, _np.ndarray):
+            _refuse("assigning a numpy.ndarray into a device array")
+        k, _ = self._key(key)
+        ledger.launch("setitem")
+        self._a[k] = _unwrap(value)
+
+    # views and copies
+    def reshape(self, *shape, order="C"):
+        r = self._a.reshape(*shape, order=order)
+        if not _is_view(self._a, r):
+            ledger.launch("reshape (copy)")
+        return ndarray(r)
+
+    def ravel(self, order="C"):
+        return self.reshape(-1, order=order)
+
+    def transpose(self, *axes):
+        return ndarray(self._a.transpose(*axes))
+
+    def swapaxes(self, a, b):
+        return ndarray(self._a.swapaxes(a, b))
+
+    def view(self, dtype=None):
+        return ndarray(self._a.view(dtype))
+
+    def copy(self, order="C"):
+        ledger.launch("copy")
+        return ndarray(self._a.copy(order=order))
+
+    def flatten(self, order="C"):
+        ledger.launch("copy")
+        return ndarray(self._a.flatten(order=order))
+
+    def astype(self, dtype, order="K", casting=None, subok=None, copy=True):
+        if not copy and _np.dtype(dtype) == self._a.dtype:
+            return self
+        ledger.launch("astype")
+        return ndarray(self._a.astype(dtype, order=order, copy=True))
+
+    def fill(self, value):
+        ledger.launch("fill")
+        self._a.fill(value)
+
+    def dot(self, b, out=None):
+        ledger.launch("dot")
+        return _wrap(self._a.dot(_unwrap(b), out=_unwrap(out)))
+
+    def __dlpack__(self, *a, **k):  # pragma: no cover - not used by minicnn
+        raise NotImplementedError("fakecupy has no DLPack")
+
+
+def _reduction(name):
+    def method(self, *args, **kwargs):
+        ledger.launch(name)
+        kwargs = {k: _unwrap(v) for k, v in kwargs.items()}
+        return _wrap(getattr(self._a, name)(*args, **kwargs))
+    method.__name__ = name
+    return method
+
+
+for _name in ("sum", "mean", "max", "min", "argmax", "argmin", "var", "std", "prod", "any", "all", "cumsum",
+              "clip", "round"):
+    setattr(ndarray, _name, _reduction(_name))
+
+_OPS = {
+    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "truediv": operator.truediv,
+    "floordiv": operator.floordiv, "mod": operator.mod, "pow": operator.pow, "matmul": operator.matmul,
+    "and": operator.and_, "or": operator.or_, "xor": operator.xor,
+}
+for _name, _fn in _OPS.items():
+    setattr(ndarray, f"__{_name}__", _binary(_name, _fn))
+    setattr(ndarray, f"__r{_name}__", _binary(_name, _fn, reflected=True))
+for _name, _fn in {"add": operator.iadd, "sub": operator.isub, "mul": operator.imul, "truediv": operator.itruediv,
+                   "floordiv": operator.ifloordiv, "mod": operator.imod, "pow": operator.ipow,
+                   "and": operator.iand, "or": operator.ior, "xor": operator.ixor}.items():
+    setattr(ndarray, f"__i{_name}__", _inplace(_name, _fn))
+for _name, _fn in {"lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge,
+                   "eq": operator.eq, "ne": operator.ne}.items():
+    setattr(ndarray, f"__{_name}__", _binary(_name, _fn))
+for _name, _fn in {"neg": operator.neg, "pos": operator.pos, "abs": operator.abs, "invert": operator.invert}.items():
+    def _unary(self, _fn=_fn, _name=_name):
+        ledger.launch(_name)
+        return _wrap(_fn(self._a))
+    setattr(ndarray, f"__{_name}__", _unary)
+ndarray.__hash__ = None
+ndarray.__module__ = "cupy"  # get_array_module() recognises device arrays by their module
+
+
+def is_fake(a) -> bool:
+    return type(a) is ndarray
+
+
+# -- module functions ---------------------------------------------------------------------------
+def _function(name, fn, launches=1, view=False):
+    def f(*args, **kwargs):
+        args = _unwrap(args, f"argument of cupy.{name}")
+        kwargs = {k: _unwrap(v, f"argument {k}= of cupy.{name}") for k, v in kwargs.items()}
+        if launches:
+            ledger.launch(name, launches)
+        return _wrap(fn(*args, **kwargs))
+    f.__name__ = f.__qualname__ = name
+    return f
+
+
+_ELEMENTWISE = ("add", "subtract", "multiply", "divide", "true_divide", "floor_divide", "power", "sqrt", "square",
+                "exp", "log", "log1p", "expm1", "abs", "absolute", "negative", "sign", "maximum", "minimum", "where",
+                "clip", "floor", "ceil", "cos", "sin", "tanh", "deg2rad", "isfinite", "isnan", "greater", "less",
+                "equal", "logical_and", "logical_or", "logical_not", "mod")
+_REDUCTIONS = ("sum", "mean", "max", "min", "argmax", "argmin", "prod", "count_nonzero", "cumsum", "bincount", "var",
+               "std", "any", "all", "sort", "argsort", "dot", "matmul", "tensordot", "stack", "concatenate",
+               "take", "pad", "full_like", "zeros_like", "ones_like", "zeros", "ones", "full", "arange", "eye",
+               "linspace", "flip", "array_equal", "isclose", "allclose", "outer", "tile", "repeat", "rot90",
+               "unique", "nonzero")
+_VIEWS = ("transpose", "swapaxes", "moveaxis", "expand_dims", "squeeze", "broadcast_to", "reshape", "ravel")
+for _name in _ELEMENTWISE + _REDUCTIONS:
+    globals()[_name] = _function(_name, getattr(_np, _name))
+for _name in _VIEWS:
+    globals()[_name] = _function(_name, getattr(_np, _name), launches=0)
+einsum = _function("einsum", _np.einsum, launches=3)  # CuPy copies both operands to a transposed layout, then a GEMM
+
+
+def empty(shape, dtype=float, order="C"):
+    return ndarray(_np.empty(shape, dtype=dtype, order=order))
+
+
+def empty_like(prototype, dtype=None, order="K", subok=None, shape=None):
+    return ndarray(_np.empty_like(_unwrap(prototype), dtype=dtype, order=order, shape=shape))
+
+
+def ascontiguousarray(a, dtype=None):
+    src = _unwrap(a, "argument of cupy.ascontiguousarray")
+    if src.flags.c_contiguous and (dtype is None or _np.dtype(dtype) == src.dtype):
+        return a
+    ledger.launch("ascontiguousarray")
+    return ndarray(_np.ascontiguousarray(src, dtype=dtype))
+
+
+def array(obj, dtype=None, copy=True, order="K", subok=False, ndmin=0, blocking=False):
+    if type(obj) is ndarray:
+        if not copy and (dtype is None or _np.dtype(dtype) == obj.dtype):
+            return obj
+        ledger.launch("copy")
+        return ndarray(_np.array(obj._a, dtype=dtype, copy=True, order=order, ndmin=ndmin))
+    if isinstance(obj, (list, tuple)) and builtins.any(type(i) is ndarray for i in obj):
+        _refuse("cupy.array of a list holding device arrays (use cupy.stack)")
+    host = _np.array(obj, dtype=dtype, copy=True, order=order, ndmin=ndmin)
+    ledger.copy("H2D", host.nbytes)
+    return ndarray(host)
+
+
+def asarray(a, dtype=None, order=None, blocking=False):
+    if type(a) is ndarray:
+        return a if dtype is None or _np.dtype(dtype) == a.dtype else a.astype(dtype)
+    return array(a, dtype=dtype, copy=True, order=order or "K")
+
+
+def asnumpy(a, stream=None, order="C", out=None, blocking=True):
+    if type(a) is ndarray:
+        return a.get()
+    return _np.asarray(a, order=order)
+
+
+def get_array_module(*args):
+    return sys.modules[__name__] if builtins.any(type(a) is ndarray for a in args) else _np
+
+
+# dtypes and constants are NumPy's (CuPy uses them too)
+float16, float32, float64 = _np.float16, _np.float32, _np.float64
+int8, int16, int32, int64 = _np.int8, _np.int16, _np.int32, _np.int64
+uint8, uint32, uint64 = _np.uint8, _np.uint32, _np.uint64
+bool_, dtype, newaxis = _np.bool_, _np.dtype, _np.newaxis
+pi, inf, nan, e = _np.pi, _np.inf, _np.nan, _np.e
+
+linalg = types.SimpleNamespace(norm=_function("linalg.norm", _np.linalg.norm))
+
+
+def _as_strided(x, shape=None, strides=None):
+    return ndarray(_np.lib.stride_tricks.as_strided(_unwrap(x), shape=shape, strides=strides))
+
+
+lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(as_strided=_as_strided))
+
+
+# -- random -------------------------------------------------------------------------------------
+class _RandomState:
+    """CuPy's ``RandomState`` methods, drawing from NumPy's (other numbers than CuPy's cuRAND)."""
+
+    def __init__(self, seed=None, method=None):
+        self._rs = _np.random.RandomState(seed)
+
+    def seed(self, seed=None):
+        self._rs.seed(seed)
+
+    def _draw(self, name, values, launches=1):
+        ledger.launch(f"random.{name}", launches)
+        return ndarray(_np.asarray(values))
+
+    def rand(self, *size, dtype=float):
+        return self._draw("rand", self._rs.random_sample(size).astype(dtype))
+
+    def randn(self, *size, dtype=float):
+        return self._draw("randn", self._rs.standard_normal(size).astype(dtype))
+
+    def random_sample(self, size=None, dtype=float):
+        return self._draw("random_sample", _np.asarray(self._rs.random_sample(size)).astype(dtype))
+
+    def uniform(self, low=0.0, high=1.0, size=None, dtype=float):
+        # CuPy draws random_sample, then scales and shifts it: three launches
+        return self._draw("uniform", _np.asarray(self._rs.uniform(low, high, size)).astype(dtype), launches=3)
+
+    def normal(self, loc=0.0, scale=1.0, size=None, dtype=float):
+        return self._draw("normal", _np.asarray(self._rs.normal(loc, scale, size)).astype(dtype))
+
+    def standard_normal(self, size=None, dtype=float):
+        return self._draw("standard_normal", _np.asarray(self._rs.standard_normal(size)).astype(dtype))
+
+    def randint(self, low, high=None, size=None, dtype=int):
+        lo, hi = (0, low) if high is None else (low, high)
+        span = int(hi) - int(lo)
+        if span & (span - 1):  # CuPy samples such a range by rejection and reads the count back every call
+            ledger.sync(f"randint over {span} values (not a power of two)")
+        return self._draw("randint", _np.asarray(self._rs.randint(lo, hi, size)).astype(dtype))
+
+    def permutation(self, a):
+        if not isinstance(a, int):
+            raise TypeError("fakecupy: RandomState.permutation takes an int here")
+        return self._draw("permutation", self._rs.permutation(a))
+
+
+random = types.SimpleNamespace(RandomState=_RandomState)
+
+
+# -- cuda ---------------------------------------------------------------------------------------
+class _Stream:
+    def synchronize(self):
+        ledger.sync("Stream.synchronize")
+
+
+class _Device:
+    def __init__(self, device=None):
+        self.id = 0 if device is None else int(device)
+
+    compute_capability = "90"
+
+    def synchronize(self):
+        ledger.sync("Device.synchronize")
+
+
+class CUDARuntimeError(RuntimeError):
+    pass
+
+
+def _get_device_count():
+    if DEVICE_COUNT == 0:
+        raise CUDARuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected (fakecupy)")
+    return DEVICE_COUNT
+
+
+cuda = types.SimpleNamespace(
+    runtime=types.SimpleNamespace(
+        getDeviceCount=lambda: _get_device_count(),
+        getDeviceProperties=lambda device: {"name": b"fakecupy (NumPy stand-in, no GPU)", "major": 9, "minor": 0},
+        CUDARuntimeError=CUDARuntimeError,
+    ),
+    Stream=types.SimpleNamespace(null=_Stream()),
+    Device=_Device,
+)
+
+
+# -- user kernels -------------------------------------------------------------------------------
+EMULATIONS: dict = {}  # kernel name -> NumPy transliteration (filled by install() from minicnn.kernels)
+
+_PARAM = re.compile(r"^\s*(raw\s+)?([A-Za-z_][A-Za-z0-9_]*)\s+([A-Za-z_][A-Za-z0-9_]*)\s*$")
+_CTYPES = {"float": _np.float32, "double": _np.float64, "int": _np.int32, "long long": _np.int64,
+           "unsigned char": _np.uint8, "bool": _np.bool_, "float32": _np.float32, "float64": _np.float64,
+           "int32": _np.int32, "int64": _np.int64, "uint8": _np.uint8}
+
+
+def _parse_params(spec: str):
+    params = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        m = _PARAM.match(part)
+        if not m:
+            raise ValueError(f"fakecupy: cannot parse kernel parameter {part!r}")
+        params.append((bool(m.group(1)), m.group(2), m.group(3)))
+    return params
+
+
+def _emulation(name):
+    if name not in EMULATIONS:
+        raise NotImplementedError(f"fakecupy: kernel {name!r} has no NumPy transliteration registered "
+                                  f"(minicnn.kernels.TRANSLITERATIONS)")
+    return EMULATIONS[name]
+
+
+class ElementwiseKernel:
+    """``cupy.ElementwiseKernel``: checks the call against the parameters, runs the transliteration."""
+
+    def __init__(self, in_params, out_params, operation, name="kernel", reduce_dims=True, preamble="",
+                 no_return=False, return_tuple=False, loop_prep="", after_loop="", **kwargs):
+        self.in_params, self.out_params = _parse_params(in_params), _parse_params(out_params)
+        self.operation, self.name, self.preamble = operation, name, preamble
+        self.no_return, self.return_tuple = no_return, return_tuple
+
+    def __call__(self, *args, size=None, block_size=None, stream=None):
+        params = self.in_params + self.out_params
+        if len(args) != len(params):
+            raise TypeError(f"fakecupy: kernel {self.name!r} takes {len(params)} arguments "
+                            f"({', '.join(p[2] for p in params)}) with its outputs, got {len(args)}")
+        placeholders: dict = {}
+        shapes = []
+        for (raw, ctype, pname), a in zip(params, args):
+            if isinstance(a, _np.ndarray):
+                _refuse(f"kernel {self.name!r} argument {pname!r} is a numpy.ndarray")
+            if type(a) is ndarray:
+                if ctype in _CTYPES and a.dtype != _CTYPES[ctype]:
+                    raise TypeError(f"fakecupy: kernel {self.name!r} argument {pname!r} must be {ctype}, got {a.dtype}")
+                if ctype not in _CTYPES:
+                    if placeholders.setdefault(ctype, a.dtype) != a.dtype:
+                        raise TypeError(f"fakecupy: kernel {self.name!r}: type {ctype} is both "
+                                        f"{placeholders[ctype]} and {a.dtype} (argument {pname!r})")
+                if not raw:
+                    shapes.append(a.shape)
+            elif (raw, ctype, pname) in self.out_params:
+                raise TypeError(f"fakecupy: kernel {self.name!r} output {pname!r} must be a device array")
+        if shapes:
+            try:
+                _np.broadcast_shapes(*shapes)
+            except ValueError:
+                raise ValueError(f"fakecupy: kernel {self.name!r}: argument shapes {shapes} do not broadcast") from None
+            out_shapes = [a.shape for (raw, _, _), a in zip(self.out_params, args[len(self.in_params):])
+                          if type(a) is ndarray and not raw]
+            if builtins.any(s != _np.broadcast_shapes(*shapes) for s in out_shapes):
+                raise ValueError(f"fakecupy: kernel {self.name!r}: outputs {out_shapes} are not of the broadcast "
+                                 f"shape {_np.broadcast_shapes(*shapes)}")
+        ledger.launch(f"ElementwiseKernel {self.name}")
+        _emulation(self.name)(*[_unwrap(a) for a in args])
+        outs = args[len(self.in_params):]
+        if self.no_return:
+            return None
+        return outs[0] if len(outs) == 1 and not self.return_tuple else tuple(outs)
+
+
+_SIGNATURE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+([A-Za-z_][A-Za-z0-9_]*)\s*\(([^)]*)\)', re.S)
+
+
+def _c_params(code: str, name: str):
+    for m in _SIGNATURE.finditer(code):
+        if m.group(1) == name:
+            out = []
+            for part in filter(None, (p.strip() for p in m.group(2).split(","))):
+                words = part.replace("*", " * ").replace("__restrict__", "").replace("const", "").split()
+                pointer = "*" in words
+                words = [w for w in words if w != "*"]
+                out.append((" ".join(words[:-1]), pointer, words[-1]))
+            return out
+    raise ValueError(f"fakecupy: no extern \"C\" __global__ function {name!r} in the kernel source")
+
+
+class RawKernel:
+    """``cupy.RawKernel``: checks the arguments against the C signature, runs the transliteration."""
+
+    def __init__(self, code, name, options=(), backend="nvrtc", translate_cucomplex=False,
+                 enable_cooperative_groups=False, jitify=False):
+        self.code, self.name, self.options = code, name, tuple(options)
+        self.params = _c_params(code, name)
+
+    def __call__(self, grid, block, args, *, shared_mem=0):
+        if len(args) != len(self.params):
+            raise TypeError(f"fakecupy: raw kernel {self.name!r} takes {len(self.params)} arguments, got {len(args)}")
+        for (ctype, pointer, pname), a in zip(self.params, args):
+            want = _CTYPES.get(ctype)
+            if pointer:
+                if type(a) is not ndarray:
+                    raise TypeError(f"fakecupy: raw kernel {self.name!r} argument {pname!r} ({ctype}*) "
+                                    f"must be a device array, got {type(a).__name__}")
+                if want is not None and a.dtype != want:
+                    raise TypeError(f"fakecupy: raw kernel {self.name!r} argument {pname!r} is {ctype}*, "
+                                    f"got a {a.dtype} array")
+                if not a.flags.c_contiguous:
+                    raise ValueError(f"fakecupy: raw kernel {self.name!r} argument {pname!r} must be C-contiguous")
+            else:
+                if not isinstance(a, _np.generic) or (want is not None and a.dtype != want):
+                    raise TypeError(f"fakecupy: raw kernel {self.name!r} scalar {pname!r} is {ctype}: pass "
+                                    f"numpy.{_np.dtype(want).name}(...) (got {type(a).__name__}); a Python "
+                                    f"number would be passed with the wrong width")
+        if builtins.any(int(g) < 1 for g in grid) or builtins.any(int(b) < 1 for b in block) or math.prod(block) > 1024:
+            raise ValueError(f"fakecupy: raw kernel {self.name!r}: bad launch grid {grid} block {block}")
+        ledger.launch(f"RawKernel {self.name}")
+        _emulation(self.name)(tuple(int(g) for g in grid), tuple(int(b) for b in block), *[_unwrap(a) for a in args])
+
+
+def fuse(*args, **kwargs):  # pragma: no cover - minicnn does not use cupy.fuse
+    raise NotImplementedError("fakecupy: cupy.fuse is not emulated (minicnn uses ElementwiseKernel / RawKernel)")
+
+
+# -- installation -------------------------------------------------------------------------------
+def install(monkeypatch=None):
+    """Make ``import cupy`` return this module (with ``monkeypatch``: for one test only)."""
+    from minicnn import kernels  # noqa: PLC0415
+
+    EMULATIONS.update(kernels.TRANSLITERATIONS)
+    module = sys.modules[__name__]
+    if monkeypatch is not None:
+        monkeypatch.setitem(sys.modules, "cupy", module)
+    else:
+        sys.modules["cupy"] = module
+    return module
