@@ -1,7 +1,7 @@
 """The benchmarks' PyTorch twins compute what the zoo networks compute (so the timings compare like with like)."""
 from __future__ import annotations
 
-import sys
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +10,12 @@ import pytest
 import minicnn
 
 torch = pytest.importorskip("torch")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from common import torch_twin  # noqa: E402
+# Loaded under its own name: examples/fer2013 has a module called common too.
+_spec = importlib.util.spec_from_file_location(
+    "minicnn_benchmarks_common", Path(__file__).resolve().parent.parent / "benchmarks" / "common.py")
+_common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_common)
+torch_twin = _common.torch_twin
 
 
 @pytest.mark.parametrize("name", sorted(minicnn.MODELS))
