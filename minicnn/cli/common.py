@@ -24,7 +24,6 @@ from minicnn.data import (CLASS_NAMES, DataError, Normalizer, content_sample, lo
 from minicnn.classifier import PRETRAINED_DIR
 from minicnn.training import load_checkpoint
 
-HERE = Path(__file__).resolve().parent
 PRETRAINED = PRETRAINED_DIR / "hw3_cnn.npz"  # shipped inside the package: minicnn.pretrained("hw3_cnn")
 # train.py's defaults, used when a checkpoint does not record its arguments
 TRAIN_DEFAULTS = {"val_fraction": 0.1, "seed": 0, "undersample": None, "limit": None}
