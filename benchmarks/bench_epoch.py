@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
-from common import environment, markdown_table, setup, torch_twin, write_json  # noqa: E402
+from common import default_json_path, environment, markdown_table, setup, torch_twin, write_json  # noqa: E402
 from minicnn.data import Augmenter, Normalizer, load_fer2013, stratified_split  # noqa: E402
 from minicnn.optim import Adam  # noqa: E402
 from minicnn.training import Trainer  # noqa: E402
@@ -107,7 +107,7 @@ def main(argv=None):
     print(f"hw3_cnn, one FER-2013 epoch ({full_n} training images), batch {args.batch_size}, float32, "
           f"HW3 augmentation included; ratio (minicnn / PyTorch throughput) = {ratio:.3f}")
     print(markdown_table(rows, ["library", "images", "seconds", "img_s", "full_epoch_s", "measured"]))
-    out = args.json or Path(__file__).resolve().parent / "results" / f"epoch_{args.backend}.json"
+    out = args.json or default_json_path(f"epoch_{args.backend}")
     write_json(out, {"benchmark": "epoch", "model": "hw3_cnn", "batch": args.batch_size, "dtype": "float32",
                      "full_epoch_images": full_n, "ratio": ratio, "environment": environment(torch), "rows": rows})
     print(f"\nwrote {out}")

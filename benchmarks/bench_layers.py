@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
-from common import environment, markdown_table, setup, summarize, time_call, torch_twin, write_json  # noqa: E402
+from common import default_json_path, environment, markdown_table, setup, summarize, time_call, torch_twin, write_json  # noqa: E402
 
 
 def main(argv=None):
@@ -72,7 +72,7 @@ def main(argv=None):
     print(f"{args.model}, batch {args.batch_size}, float32, forward + backward per layer, median of {args.repeats}; "
           f"minicnn {args.backend} vs PyTorch {device}; ratio = PyTorch time / minicnn time")
     print(markdown_table(rows, ["index", "layer", "input", "minicnn_ms", "torch_ms", "ratio"]))
-    out_path = args.json or Path(__file__).resolve().parent / "results" / f"layers_{args.backend}.json"
+    out_path = args.json or default_json_path(f"layers_{args.backend}")
     write_json(out_path, {"benchmark": "layers", "model": args.model, "batch": args.batch_size, "dtype": "float32",
                           "environment": environment(torch), "rows": rows})
     print(f"\nwrote {out_path}")

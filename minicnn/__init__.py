@@ -19,6 +19,7 @@ from .backend import (
     to_host,
 )
 from .checkpoint import CheckpointError
+from .classifier import ImageClassifier, load, pretrained
 from .gradcheck import GradCheckReport, gradcheck, numerical_gradient
 from .layers import (
     AvgPool2D,
@@ -55,4 +56,5 @@ __all__ = [
     "SoftmaxCrossEntropy", "MSELoss", "softmax",
     "Sequential", "build_model", "MODELS",
     "gradcheck", "numerical_gradient", "GradCheckReport", "CheckpointError",
+    "ImageClassifier", "load", "pretrained",
 ]

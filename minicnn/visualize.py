@@ -57,8 +57,8 @@ def _figure(width: float, height: float):
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
         from matplotlib.figure import Figure  # noqa: PLC0415
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("minicnn.visualize needs matplotlib: pip install matplotlib (or, from the minicnn "
-                          "checkout, pip install -e '.[plot]')") from exc
+        raise ImportError("minicnn.visualize (and --plots) needs matplotlib: pip install matplotlib, or "
+                          "pip install -e '.[data]' from the minicnn checkout") from exc
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
     return fig

@@ -25,10 +25,8 @@ pytest.importorskip("PIL.Image")
 
 
 def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"fer2013_cupy_cli_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command behind examples/fer2013/<name>.py: the module minicnn.cli.<name>."""
+    return importlib.import_module(f"minicnn.cli.{name}")
 
 
 train_script, evaluate_script, precise_bn_script = (load_script(n) for n in ("train", "evaluate", "precise_bn"))

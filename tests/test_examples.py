@@ -29,11 +29,8 @@ N_TRAIN, N_TEST = 10, 3  # per class
 
 
 def load_script(name):
-    """Import examples/fer2013/<name>.py under a name that cannot clash with other modules."""
-    spec = importlib.util.spec_from_file_location(f"fer2013_example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command behind examples/fer2013/<name>.py: the module minicnn.cli.<name>."""
+    return importlib.import_module(f"minicnn.cli.{name}")
 
 
 train_script, evaluate_script, predict_script, precise_bn_script = (
@@ -167,7 +164,7 @@ def test_evaluate_rebuilds_the_validation_split_of_training(fer_run, capsys, cac
 
 
 def test_precise_bn_recalibrates_on_the_clean_training_split(fer_run, tmp_path, capsys, cache_env):
-    from common import load_split, open_checkpoint, to_model_input, training_args  # the example's own helpers
+    from minicnn.cli.common import load_split, open_checkpoint, to_model_input, training_args  # noqa: PLC0415
 
     data, run = fer_run
     src = run / "best.npz"
@@ -380,8 +377,6 @@ def test_tta_views_and_average(float64):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (EXAMPLES / "pretrained" / "hw3_cnn.npz").is_file(),
-                    reason="examples/fer2013/pretrained/hw3_cnn.npz is not shipped yet")
 def test_shipped_weights_beat_half_on_publictest(fer2013_path, capsys):
     rc, out, err = run_main(evaluate_script, ["--data", fer2013_path], capsys)  # default: the shipped weights
     assert rc == 0, err
@@ -392,8 +387,7 @@ def test_shipped_weights_beat_half_on_publictest(fer2013_path, capsys):
 
 
 def test_train_augmentation_presets_and_overrides():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "fer2013"))
-    import train  # noqa: PLC0415
+    from minicnn.cli import train  # noqa: PLC0415
 
     hw3 = train.augmentation_settings(train.parse_args([]))
     assert hw3 == {"flip": True, "rotation": 30.0, "shift": 0.1, "zoom": (0.8, 1.2), "crop_padding": 0}
@@ -485,8 +479,7 @@ def test_init_from_draws_fresh_streams_and_a_resumed_phase_ends_identically(fer_
 
 
 def test_full_history_numbers_the_epochs_of_chained_phases():
-    sys.path.insert(0, str(EXAMPLES))
-    from common import full_history  # noqa: PLC0415
+    from minicnn.cli.common import full_history  # noqa: PLC0415
 
     first = {"history": [{"epoch": e, "val_acc": 0.1 * e} for e in (1, 2, 3)]}
     assert [(h["epoch"], h["phase"], h["phase_epoch"]) for h in full_history(first)] == [(1, 0, 1), (2, 0, 2), (3, 0, 3)]

@@ -208,8 +208,7 @@ def test_stream_offset_is_saved_and_a_resume_with_another_is_refused(tmp_path):
 @pytest.mark.slow
 def test_short_training_on_real_fer2013_learns_well_above_chance(fer2013_path, tmp_path):
     """A 3-epoch run of the Technical Review Document's small CNN on 4,000 real images."""
-    sys.path.insert(0, str(ROOT / "examples" / "fer2013"))
-    import train  # noqa: PLC0415
+    from minicnn.cli import train  # noqa: PLC0415
 
     code = train.main(["--data", fer2013_path, "--model", "trd_cnn", "--classes", "6", "--limit", "4000",
                        "--epochs", "3", "--no-augment", "--batch-size", "64", "--no-progress",

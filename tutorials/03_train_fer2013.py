@@ -189,7 +189,7 @@ plt.show()
 # dropout is off) in batches.
 
 # %%
-pred = model.predict(x_test).argmax(axis=1)
+pred = model.predict(x_test)  # class ids
 test_acc = metrics.accuracy(y_test, pred)
 baseline = float((y_test == majority).mean())
 print(f"test accuracy {test_acc:.1%} (majority class {baseline:.1%}, chance 1/7 = {1 / 7:.1%})")

@@ -14,7 +14,7 @@
 # %% [markdown]
 # # 4. Looking inside a trained network
 #
-# minicnn ships trained weights: `examples/fer2013/pretrained/hw3_cnn.npz`, the 1.7-million
+# minicnn ships trained weights inside the package (`minicnn.pretrained("hw3_cnn")`), the 1.7-million
 # parameter network of the HW3 report (65.3 % on PublicTest, README "Results"). This tutorial
 # opens it and asks what it learned:
 #
@@ -39,6 +39,7 @@ import minicnn
 from minicnn import metrics
 from minicnn import visualize as viz
 from minicnn.data import Normalizer, load_fer2013
+from minicnn.classifier import pretrained_path
 from minicnn.training import load_checkpoint
 
 QUICK = os.environ.get("MINICNN_TUTORIAL_QUICK") == "1"  # CI: a few hundred test images
@@ -52,14 +53,6 @@ DATA = next((c for c in CANDIDATES if c and Path(c).exists()), None)
 if DATA is None:
     raise SystemExit("FER-2013 not found: set FER2013_DATA to the folder with train/<class>/*.jpg "
                      "and test/<class>/*.jpg")
-
-
-def repository_root() -> Path:
-    """The checkout this tutorial lives in (it may run from tutorials/ or from the root)."""
-    for folder in (HERE, *HERE.parents):
-        if (folder / "examples" / "fer2013" / "pretrained" / "hw3_cnn.npz").exists():
-            return folder
-    raise SystemExit("cannot find examples/fer2013/pretrained/hw3_cnn.npz above " + str(HERE))
 
 
 def show(path):
@@ -84,7 +77,7 @@ def show(path):
 # same way.
 
 # %%
-model, arrays, meta = load_checkpoint(repository_root() / "examples" / "fer2013" / "pretrained" / "hw3_cnn.npz")
+model, arrays, meta = load_checkpoint(pretrained_path("hw3_cnn"))  # minicnn/pretrained/hw3_cnn.npz
 norm = Normalizer.from_arrays(arrays, prefix="data/norm/")
 class_names = list(meta["class_names"])
 model.summary()

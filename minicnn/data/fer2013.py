@@ -42,6 +42,8 @@ __all__ = [
     "FERDataset",
     "load_fer2013",
     "default_cache_dir",
+    "cache_enabled",
+    "cache_files",
 ]
 
 #: The seven FER-2013 expressions in the label order of ``fer2013.csv``.
@@ -208,20 +210,44 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- API
 
 
+#: values of $MINICNN_CACHE that turn the cache off
+CACHE_OFF = ("off", "0", "no", "none", "false")
+
+
+def cache_enabled() -> bool:
+    """False when ``$MINICNN_CACHE`` is ``off`` (or 0, no, none, false): every load then decodes the source."""
+    return os.environ.get("MINICNN_CACHE", "").strip().lower() not in CACHE_OFF
+
+
 def default_cache_dir() -> Path:
-    """``$MINICNN_CACHE`` if set, else ``~/.cache/minicnn``."""
+    """``$MINICNN_CACHE`` if set (to a folder), else ``~/.cache/minicnn``.
+
+    Each source (a CSV or an image folder) takes one ``fer2013-<key>.npz`` of about 70 MB there;
+    ``minicnn cache`` lists them and ``minicnn cache --clear`` removes them.
+    """
     env = os.environ.get("MINICNN_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "minicnn"
+    if env and env.strip().lower() not in CACHE_OFF:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "minicnn"
 
 
-def load_fer2013(path, cache_dir=None, use_cache: bool = True, progress: bool = False) -> FERDataset:
+def cache_files(cache_dir=None) -> list[Path]:
+    """The cached FER-2013 arrays in ``cache_dir`` (default :func:`default_cache_dir`), oldest first."""
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if not folder.is_dir():
+        return []
+    return sorted(folder.glob("fer2013-*.npz"), key=lambda f: f.stat().st_mtime)
+
+
+def load_fer2013(path, cache_dir=None, use_cache: bool | None = None, progress: bool = False) -> FERDataset:
     """Load FER-2013 from a CSV file or an image folder, using the cache when possible.
 
     Args:
         path: ``fer2013.csv``, ``icml_face_data.csv``, or an image-folder root
             (``<root>/{train,test,val}/<class>/*`` or ``<root>/<class>/*``).
         cache_dir: where decoded arrays are kept (default :func:`default_cache_dir`).
-        use_cache: read and write the cache; ``False`` always decodes the source.
+        use_cache: read and write the cache; ``False`` always decodes the source; None (default):
+            unless ``$MINICNN_CACHE`` is ``off`` (:func:`cache_enabled`).
         progress: show a tqdm progress bar while decoding images.
 
     Returns:
@@ -257,6 +283,8 @@ def load_fer2013(path, cache_dir=None, use_cache: bool = True, progress: bool = 
         fingerprint = [(p.name, st.st_size, st.st_mtime_ns)]
 
     cache_file = None
+    if use_cache is None:
+        use_cache = cache_enabled()
     if use_cache:
         cache_file = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         cache_file = cache_file / f"fer2013-{_cache_key(p, fingerprint)}.npz"

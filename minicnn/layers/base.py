@@ -54,7 +54,13 @@ class Layer:
         """Given ``dout`` = dL/d(out) of the last forward pass, return dL/dx and fill ``self.grads``."""
         raise NotImplementedError
 
-    def __call__(self, x, training: bool = True):
+    def __call__(self, x, training: bool = False):
+        """``layer(x)`` is inference: ``forward(x, training=False)``, which changes no state.
+
+        Training goes through the explicit ``forward(x, training=True)`` (BatchNorm then
+        updates its running statistics, Dropout drops), so calling a trained network to
+        look at its outputs never alters it.
+        """
         return self.forward(x, training)
 
     # -- helpers --------------------------------------------------------------

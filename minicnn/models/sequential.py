@@ -81,8 +81,12 @@ class Sequential(Container):
             dout = layer.backward(dout)
         return dout
 
-    def predict(self, x, batch_size=256):
-        """Evaluation-mode logits for ``x`` (host or device), computed in batches on the model's device."""
+    # -- inference: evaluation mode, in batches, nothing changes ----------------------
+    def predict_logits(self, x, batch_size=256):
+        """Evaluation-mode logits ``(N, K)`` for inputs ``x`` ``(N, C, H, W)`` (host or device), in batches.
+
+        The batches go to the model's own device, and so does the result.
+        """
         outs = []
         xp = module_of(self)
         for start in range(0, len(x), batch_size):
@@ -90,6 +94,59 @@ class Sequential(Container):
             outs.append(self.forward(xb, training=False))
         xp = get_array_module(outs[0]) if outs else np
         return xp.concatenate(outs) if outs else xp.zeros((0,))
+
+    def predict_proba(self, x, batch_size=256):
+        """Softmax probabilities ``(N, K)``, a NumPy array whose rows sum to 1 (evaluation mode)."""
+        from ..inference import predict_proba  # noqa: PLC0415  (inference imports models)
+
+        return predict_proba(self, x, batch_size)
+
+    def predict(self, x, batch_size=256):
+        """Predicted class ids ``(N,)`` (int64, NumPy): the arg-max of the logits, in evaluation mode."""
+        return np.asarray(to_host(self.predict_logits(x, batch_size).argmax(axis=1)), dtype=np.int64)
+
+    # -- Keras-style conveniences over minicnn.training.Trainer -------------------------
+    def fit(self, x, y, *, validation_data=None, epochs=10, batch_size=128, optimizer="adam", lr=1e-3,
+            loss=None, schedule=None, augmenter=None, seed=0, out_dir=None, progress=True, log=print,
+            **trainer_options):
+        """Train on ``x``, ``y``; returns the history (a dict per epoch: losses, accuracies, lr, seconds).
+
+        Shapes: x (N, C, H, W) normalised inputs, y (N,) class ids
+
+        Parameters:
+            validation_data: ``(x_val, y_val)``, evaluated after every epoch (best epoch -> ``best.npz``).
+            epochs, batch_size, seed: as for :class:`~minicnn.training.Trainer`.
+            optimizer: a name (``"adam"``, ``"sgd"``, ``"adamw"``, ``"rmsprop"``, built with ``lr``) or an
+                optimiser already built on this model.
+            loss: defaults to softmax cross-entropy; ``schedule``, ``augmenter``: optional.
+            out_dir: keep checkpoints (``last.npz``, ``best.npz``) and the history there.
+            trainer_options: more :class:`~minicnn.training.Trainer` keywords (``clip_norm``,
+                ``early_stopping``, ``log_every``, ...).
+
+        A thin layer over the Trainer, which stays the documented, resumable way to train.
+        """
+        from ..optim import make_optimizer  # noqa: PLC0415
+        from ..training import Trainer  # noqa: PLC0415
+
+        if isinstance(optimizer, str):
+            optimizer = make_optimizer(optimizer, self, lr=lr)
+        x_val, y_val = validation_data if validation_data is not None else (None, None)
+        trainer = Trainer(self, optimizer, loss, schedule, augmenter, batch_size=batch_size, seed=seed,
+                          out_dir=out_dir, progress=progress, **trainer_options)
+        return trainer.fit(x, y, x_val, y_val, epochs=epochs, log=log)
+
+    def evaluate(self, x, y, batch_size=512, loss=None) -> dict:
+        """``{"loss": mean loss, "accuracy": fraction correct}`` on ``x``, ``y``, in evaluation mode.
+
+        Shapes: x (N, C, H, W), y (N,) class ids
+
+        Parameters:
+            batch_size: images per forward pass; loss: defaults to softmax cross-entropy.
+        """
+        from ..training import Trainer  # noqa: PLC0415
+
+        mean_loss, accuracy = Trainer(self, None, loss, progress=False).evaluate(x, y, batch_size)
+        return {"loss": mean_loss, "accuracy": accuracy}
 
     @property
     def dtype(self):

@@ -21,10 +21,10 @@ import numpy as np
 import minicnn
 from minicnn.data import (CLASS_NAMES, DataError, Normalizer, content_sample, load_fer2013,
                           merge_disgust_into_angry, stratified_split, undersample)
+from minicnn.classifier import PRETRAINED_DIR
 from minicnn.training import load_checkpoint
 
-HERE = Path(__file__).resolve().parent
-PRETRAINED = HERE / "pretrained" / "hw3_cnn.npz"
+PRETRAINED = PRETRAINED_DIR / "hw3_cnn.npz"  # shipped inside the package: minicnn.pretrained("hw3_cnn")
 # train.py's defaults, used when a checkpoint does not record its arguments
 TRAIN_DEFAULTS = {"val_fraction": 0.1, "seed": 0, "undersample": None, "limit": None}
 #: evaluate.py's splits and the FER-2013 Usage each is drawn from

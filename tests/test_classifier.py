@@ -1,0 +1,119 @@
+"""minicnn.load / minicnn.pretrained: a checkpoint becomes a classifier of raw images, preprocessing included."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import minicnn
+from minicnn.classifier import PRETRAINED_DIR, ImageClassifier, pretrained_path
+from minicnn.data import Normalizer
+from minicnn.training import save_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return minicnn.pretrained("hw3_cnn")
+
+
+def tiny(num_classes=3):
+    return minicnn.Sequential([minicnn.Conv2D(1, 2, 3, padding=1), minicnn.BatchNorm2D(2), minicnn.ReLU(),
+                               minicnn.Flatten(), minicnn.Dense(2 * 8 * 8, num_classes)],
+                              input_shape=(1, 8, 8), name="tiny", config={"num_classes": num_classes})
+
+
+@pytest.fixture(autouse=True)
+def _tiny_in_the_zoo(monkeypatch):
+    """Checkpoints rebuild their network from the zoo by name: register the test's small one there."""
+    monkeypatch.setitem(minicnn.models.zoo.MODELS, "tiny", tiny)
+
+
+def tiny_checkpoint(path, classes=("a", "b", "c")):
+    """A train.py-style checkpoint of a small network on 8x8 images (grey levels 0-255)."""
+    rng = np.random.default_rng(0)
+    model = tiny(len(classes))
+    images = rng.integers(0, 256, (50, 8, 8)).astype(np.uint8)
+    norm = Normalizer("per_pixel").fit(images)
+    model.forward(norm.transform(images), training=True)  # non-default running statistics
+    save_checkpoint(path, model, extra_meta={"class_names": list(classes)}, extra_arrays=norm.to_arrays("data/norm/"))
+    return model, norm, images
+
+
+def test_load_applies_the_checkpoint_normalisation_to_raw_pixels(tmp_path):
+    model, norm, images = tiny_checkpoint(tmp_path / "c.npz")
+    clf = minicnn.load(tmp_path / "c.npz")
+    assert isinstance(clf, ImageClassifier) and clf.class_names == ["a", "b", "c"]
+    expected = minicnn.to_host(model.predict_proba(norm.transform(images)))
+    np.testing.assert_allclose(clf.predict_proba(images), expected, rtol=1e-5)
+    np.testing.assert_array_equal(clf.predict(images), expected.argmax(axis=1))
+    assert clf.predict_labels(images[:3]) == [clf.class_names[i] for i in expected[:3].argmax(axis=1)]
+    # every accepted layout gives the same answer
+    np.testing.assert_allclose(clf.predict_proba(images[:, None]), expected, rtol=1e-5)
+    np.testing.assert_allclose(clf.predict_proba(images[0]), expected[:1], rtol=1e-5)
+    np.testing.assert_allclose(clf.predict_proba(images.astype(np.float32)), expected, rtol=1e-5)
+
+
+def test_predictions_leave_the_network_unchanged(tmp_path):
+    tiny_checkpoint(tmp_path / "c.npz")
+    clf = minicnn.load(tmp_path / "c.npz")
+    before = {k: v.copy() for k, v in clf.model.state_arrays().items()}
+    images = np.random.default_rng(1).integers(0, 256, (9, 8, 8))
+    clf.predict_proba(images), clf.predict_proba(images, tta=True), clf.predict_logits(images)
+    for k, v in clf.model.state_arrays().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+
+
+def test_images_scaled_to_unit_range_or_misshaped_are_refused_with_advice(tmp_path):
+    tiny_checkpoint(tmp_path / "c.npz")
+    clf = minicnn.load(tmp_path / "c.npz")
+    with pytest.raises(ValueError, match=r"scaled to \[0, 1\]; give grey levels 0-255"):
+        clf.predict(np.random.default_rng(0).random((2, 8, 8)))
+    with pytest.raises(ValueError, match=r"expected images of shape \(N, 8, 8\).*got shape \(2, 3, 8, 8\)"):
+        clf.predict(np.zeros((2, 3, 8, 8)))
+
+
+def test_load_names_the_problem_with_files_that_are_not_training_checkpoints(tmp_path):
+    with pytest.raises(minicnn.CheckpointError, match="no such checkpoint file"):
+        minicnn.load(tmp_path / "missing.npz")
+    model = tiny()
+    model.save(tmp_path / "weights.npz")
+    with pytest.raises(minicnn.CheckpointError, match="has no normalisation statistics"):
+        minicnn.load(tmp_path / "weights.npz")
+
+
+def test_the_shipped_network_is_package_data(shipped):
+    assert pretrained_path("hw3_cnn") == PRETRAINED_DIR / "hw3_cnn.npz"
+    assert shipped.model.name == "hw3_cnn" and len(shipped.class_names) == 7
+    with pytest.raises(ValueError, match=r"no pretrained network 'resnet50': minicnn ships \['hw3_cnn'\]"):
+        minicnn.pretrained("resnet50")
+
+
+@pytest.mark.slow
+def test_the_shipped_network_reaches_its_accuracy_on_raw_publictest_pixels(shipped, fer2013_path):
+    from minicnn.data import load_fer2013  # noqa: PLC0415
+
+    test = load_fer2013(fer2013_path).split("PublicTest")
+    result = shipped.evaluate(test.images, test.labels)
+    assert result["accuracy"] > 0.64, result  # README: 65.3 % in one pass
+
+
+@pytest.mark.slow
+def test_a_wheel_carries_the_shipped_weights(tmp_path):
+    src = tmp_path / "src"  # build from a copy: setuptools leaves a build/ folder behind
+    shutil.copytree(ROOT / "minicnn", src / "minicnn", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path), str(src)], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot build a wheel here: {proc.stderr[-300:]}")
+    (wheel,) = tmp_path.glob("minicnn-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "minicnn/pretrained/hw3_cnn.npz" in names
