@@ -197,7 +197,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=10, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3, help="each configuration runs this many times, in turns")
-    p.add_argument("--json", default=None, help="output JSON (default benchmarks/results/distributed_<model>.json)")
+    p.add_argument("--json", default=None, help="output JSON (default runs/benchmarks/distributed_<model>.json; the reference is benchmarks/results/)")
     p.add_argument("--worker", choices=["minicnn", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -214,7 +214,7 @@ def main(argv=None):
     import torch  # noqa: PLC0415
 
     import minicnn  # noqa: PLC0415
-    from common import environment, markdown_table, write_json  # noqa: PLC0415
+    from common import default_json_path, environment, markdown_table, write_json  # noqa: PLC0415
 
     configs = [("minicnn", 1), ("minicnn", args.ranks), ("torch", 1), ("torch", args.ranks)]
     best = {}
@@ -250,7 +250,7 @@ def main(argv=None):
           f"{args.repeats} steps (median). vs_best_torch = img/s / the faster PyTorch configuration "
           f"({torch_best:.1f} img/s); gemm_bound = img/s if only the matrix products took time")
     print(markdown_table(rows, cols))
-    out = args.json or HERE.parent / "results" / f"distributed_{args.model}.json"
+    out = args.json or default_json_path(f"distributed_{args.model}")
     write_json(out, {"benchmark": "distributed", "model": args.model, "global_batch": args.batch,
                      "ranks": args.ranks, "rounds": args.rounds, "repeats": args.repeats,
                      "environment": environment(torch), "minicnn": minicnn.__version__, "rows": rows})

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 
 import fakecupy  # noqa: E402
 import minicnn  # noqa: E402
-from common import markdown_table, write_json  # noqa: E402
+from common import default_json_path, markdown_table, write_json  # noqa: E402
 from minicnn import kernels  # noqa: E402
 from minicnn.data import Augmenter  # noqa: E402
 from minicnn.optim import Adam  # noqa: E402
@@ -93,7 +93,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--trainer-step", action="store_true",
                    help="also count the Trainer's per-step work (batch gather, HW3 augmentation, running metrics)")
-    p.add_argument("--json", default=None, help="output JSON (default benchmarks/results/launches_<model>.json)")
+    p.add_argument("--json", default=None, help="output JSON (default runs/benchmarks/launches_<model>.json; the reference is benchmarks/results/)")
     args = p.parse_args(argv)
 
     fakecupy.install()
@@ -111,7 +111,7 @@ def main(argv=None):
     print(f"\nhost syncs per step: generic {g_syncs}, fused {f_syncs}; host-device copies per step: "
           f"generic {g_copies}, fused {f_copies}")
     by_op = ledger.by_operation().most_common()
-    out = args.json or HERE / "results" / f"launches_{args.model}.json"
+    out = args.json or default_json_path(f"launches_{args.model}")
     write_json(out, {"benchmark": "launches_per_step", "model": args.model, "batch": args.batch_size,
                      "trainer_step": args.trainer_step, "counted_by": "tests/fakecupy.py (no GPU)",
                      "rows": rows, "syncs": {"generic": g_syncs, "fused": f_syncs},

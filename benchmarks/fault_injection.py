@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fault injection: bad inputs to every FER-2013 script, and kills during training.
 
-    python benchmarks/fault_injection.py                 # ~5 min on 2 busy cores; table + benchmarks/results/fault_injection.json
+    python benchmarks/fault_injection.py                 # ~5 min on 2 busy cores; table + runs/benchmarks/fault_injection.json
     python benchmarks/fault_injection.py --kills 30 --jobs 1
 
 Everything runs as a user would run it: each case is a fresh process of
@@ -517,7 +517,8 @@ def main(argv=None):
     p.add_argument("--kill-limit", type=int, default=48, help="training images of each killed run")
     p.add_argument("--jobs", type=int, default=2, help="cases run at once")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fault_injection.json"))
+    p.add_argument("--out", default=str(Path("runs") / "benchmarks" / "fault_injection.json"),
+                   help="output JSON (default runs/benchmarks/; the reference is benchmarks/results/fault_injection.json)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
     args = p.parse_args(argv)
 

@@ -13,7 +13,6 @@ trained that way) used the legacy split by row position (``split_method``
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -59,7 +59,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 import minicnn
 from .common import (check_fingerprint, data_fingerprint, full_history, make_splits, open_checkpoint,
