@@ -205,6 +205,12 @@ def test_predict_functions_show_progress_only_when_asked(capsys):
     assert "7/7" in capsys.readouterr().err
 
 
+def test_best_padding_is_the_most_accurate_and_the_smallest_among_ties():
+    assert evaluate_script.best_padding({2: 0.6598, 3: 0.6595, 4: 0.6581}) == 2  # the shipped weights' figures
+    assert evaluate_script.best_padding({4: 0.70, 2: 0.60, 3: 0.65}) == 4
+    assert evaluate_script.best_padding({4: 0.5, 3: 0.6, 1: 0.6}) == 1
+
+
 def test_choose_tta_padding_on_val_records_it_in_the_checkpoint(fer_run, tmp_path, capsys, cache_env):
     data, run = fer_run
     ckpt = tmp_path / "best.npz"

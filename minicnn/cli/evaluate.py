@@ -176,6 +176,11 @@ def resolve_tta_padding(given, meta: dict) -> tuple[int, str]:
     return DEFAULT_TTA_PADDING, "default"
 
 
+def best_padding(accuracies: dict) -> int:
+    """The padding of highest validation accuracy in ``{padding: accuracy}``; the smallest among ties."""
+    return max(accuracies, key=lambda q: (accuracies[q], -q))
+
+
 def record_tta_choice(path, choice: dict) -> None:
     """Write ``choice`` as ``meta["tta"]`` into the checkpoint ``path``: atomically, every array unchanged."""
     arrays, meta = load_npz(path)
@@ -295,7 +300,7 @@ def main(argv=None) -> int:
                                         progress=None if args.quiet else f"TTA padding {pad}")
                 tried[pad] = (rep_, probs_)
                 log(f"  padding {pad}: val accuracy {rep_['accuracy']:.4f}, loss {rep_['loss']:.4f}")
-            padding = max(tried, key=lambda q: (tried[q][0]["accuracy"], -q))  # most accurate; smallest among ties
+            padding = best_padding({q: r[0]["accuracy"] for q, r in tried.items()})
             report, probs = tried[padding]
             source = "chosen on val (--choose-tta-padding)"
             choice = {"padding": padding, "chosen_on": "val", "val_accuracy": report["accuracy"],
