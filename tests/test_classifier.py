@@ -148,3 +148,14 @@ def test_predict_reads_image_files_and_folders_as_the_loader_does(tmp_path):
         clf.predict([folder / "notes.txt"])
     with pytest.raises(ValueError, match="no such file"):
         clf.predict([tmp_path / "gone.png"])
+
+
+def test_the_shipped_weights_record_the_tta_padding_chosen_on_validation(shipped):
+    """`minicnn evaluate --split val --tta --choose-tta-padding 2 3 4` on the shipped file recorded padding 2."""
+    tta = shipped.meta["tta"]
+    assert tta["chosen_on"] == "val" and tta["padding"] == shipped.tta_padding == 2
+    assert set(tta["candidates"]) == {"2", "3", "4"}
+    assert tta["val_accuracy"] == max(tta["candidates"].values()) == tta["candidates"]["2"]
+    # chosen on the very validation split the weights were selected on (not on a test set)
+    val = shipped.meta["data_fingerprint"]["val"]
+    assert tta["val_fingerprint"] == val["sha256"] and tta["val_images"] == val["images"]
