@@ -3,4 +3,5 @@ import sys
 
 from minicnn.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing the module (tests walk the package) must not run the command
+    sys.exit(main())
