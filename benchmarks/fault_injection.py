@@ -411,7 +411,7 @@ def build_cases(work: Path, data: Path, base_run: Path, env) -> list[Case]:
     for argv, name in (([image, "--checkpoint", ckpt, "--top", "0"], "predict --top 0"),
                        ([work / "none.png", "--checkpoint", ckpt], "predict: missing image"),
                        ([bad / "wrong_header.csv", "--checkpoint", ckpt], "predict: a CSV as image"),
-                       ([data, "--checkpoint", ckpt], "predict: a folder as image")):
+                       ([bad / "no_subfolders", "--checkpoint", ckpt], "predict: a folder of unreadable images")):
         cases.append(Case("other scripts", name, "predict", argv))
     for argv, name in ((["--batch-size", "0"], "evaluate --batch-size 0"),
                        (["--tta", "--tta-padding", "30"], "evaluate --tta-padding 30"),

@@ -11,7 +11,8 @@
 ``images`` are what FER-2013 holds: grey levels 0-255 (``uint8`` or float), shaped
 ``(N, 48, 48)``, ``(48, 48)`` or ``(N, 1, 48, 48)``; or image files (paths), of any size
 and colour, which are read as the data loader reads FER-2013 (EXIF orientation, grey,
-resized to 48x48). The normalisation the network was trained with is part of the
+resized to 48x48: :func:`minicnn.data.images.load_image`); a folder stands for its image
+files, in the order :func:`minicnn.data.images.find_images` lists them (recursively, sorted). The normalisation the network was trained with is part of the
 checkpoint and applied here, so raw pixels go in and the shipped network gives its
 reported accuracy; a network's raw ``model.predict`` wants inputs already normalised.
 """
@@ -86,9 +87,11 @@ class ImageClassifier:
         """Raw images (see the module docstring) -> normalised model inputs ``float (N, 1, H, W)``."""
         if isinstance(images, (str, Path)) or (isinstance(images, (list, tuple)) and images
                                                and isinstance(images[0], (str, Path))):
-            from .data.images import load_image  # noqa: PLC0415  (needs Pillow)
+            from .data.images import find_images, load_image  # noqa: PLC0415  (needs Pillow)
 
-            paths = [images] if isinstance(images, (str, Path)) else list(images)
+            paths = find_images([images] if isinstance(images, (str, Path)) else list(images))
+            if not paths:
+                raise ValueError(f"ImageClassifier: no image files in {images}")
             images = np.stack([load_image(p, self.image_size) for p in paths])
         x = images if hasattr(images, "ndim") else np.asarray(images)
         h, w = self.image_size

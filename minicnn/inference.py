@@ -3,6 +3,7 @@
     >>> from minicnn.inference import predict_proba, predict_tta
     >>> p = predict_proba(model, x)          # (N, K) NumPy array, rows sum to 1
     >>> p_tta = predict_tta(model, x)        # averaged over 10 views of each image
+    >>> p_tta = predict_tta(model, x, progress="TTA")  # with a progress bar (tqdm, on stderr)
 
 Both run the model in evaluation mode on its own device (NumPy or CuPy)
 and return host (NumPy) arrays, since what follows (metrics, printing,
@@ -10,12 +11,14 @@ plotting) happens on the host.
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from .backend import get_array_module, module_of, to_array_module, to_host
 from .losses import softmax
 
-__all__ = ["predict_proba", "predict_tta", "tta_views"]
+__all__ = ["predict_proba", "predict_tta", "tta_views", "progress_bar"]
 
 
 def _check_input(x):
@@ -23,17 +26,41 @@ def _check_input(x):
         raise ValueError(f"expected model inputs of shape (N, C, H, W), got {getattr(x, 'shape', type(x).__name__)}")
 
 
-def predict_proba(model, x, batch_size: int = 256) -> np.ndarray:
+def progress_bar(progress, total: int, unit: str = "img"):
+    """A tqdm bar on stderr counting ``total`` items, or None.
+
+    ``progress``: None or False for no bar; True for a bar; a string for a bar
+    with that description. No bar either when tqdm is not installed (progress
+    bars are a nicety, not a requirement).
+    """
+    if progress is None or progress is False:
+        return None
+    try:
+        from tqdm.auto import tqdm  # noqa: PLC0415
+    except ImportError:
+        return None
+    desc = progress if isinstance(progress, str) else None
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+
+
+def predict_proba(model, x, batch_size: int = 256, progress=None) -> np.ndarray:
     """Softmax probabilities ``(N, K)`` of ``model`` on inputs ``x`` ``(N, C, H, W)`` (host or device).
 
     Evaluation mode (BatchNorm running statistics, no dropout), in batches of
     ``batch_size`` so memory stays bounded; returns a NumPy array.
+    ``progress``: None (default) for no progress bar, True or a description
+    for a tqdm bar on stderr counting images (see :func:`progress_bar`).
     """
     _check_input(x)
     out = []
+    bar = progress_bar(progress, len(x))
     for start in range(0, len(x), batch_size):
         xb = to_array_module(x[start : start + batch_size], module_of(model), dtype=model.dtype)
         out.append(to_host(softmax(model.forward(xb, training=False))))
+        if bar is not None:
+            bar.update(len(xb))
+    if bar is not None:
+        bar.close()
     if not out:
         return np.zeros((0, 0))
     return np.concatenate(out)
@@ -67,7 +94,7 @@ def tta_views(x, padding: int = 4, flip: bool = True) -> list:
     return views
 
 
-def predict_tta(model, x, batch_size: int = 256, padding: int = 4, flip: bool = True) -> np.ndarray:
+def predict_tta(model, x, batch_size: int = 256, padding: int = 4, flip: bool = True, progress=None) -> np.ndarray:
     """Test-time augmentation: softmax probabilities averaged over the views of :func:`tta_views`.
 
     For each image the probabilities of its 10 views (5 crops of the
@@ -75,9 +102,12 @@ def predict_tta(model, x, batch_size: int = 256, padding: int = 4, flip: bool = 
     ``flip`` is False) are averaged, so the result ``(N, K)`` still sums to 1
     per row. Costs 10 forward passes per image; batches of ``batch_size``
     images are moved to the device once and all their views made there.
+    ``progress``: None (default) for no progress bar, True or a description
+    for a tqdm bar on stderr counting images (see :func:`progress_bar`).
     """
     _check_input(x)
     out = []
+    bar = progress_bar(progress, len(x))
     for start in range(0, len(x), batch_size):
         xb = to_array_module(x[start : start + batch_size], module_of(model), dtype=model.dtype)
         views = tta_views(xb, padding, flip)
@@ -87,6 +117,10 @@ def predict_tta(model, x, batch_size: int = 256, padding: int = 4, flip: bool = 
             p = softmax(model.forward(get_array_module(v).ascontiguousarray(v), training=False))
             total = p if total is None else total + p
         out.append(to_host(total / len(views)))
+        if bar is not None:
+            bar.update(len(xb))
+    if bar is not None:
+        bar.close()
     if not out:
         return np.zeros((0, 0))
     return np.concatenate(out)

@@ -117,3 +117,45 @@ def test_a_wheel_carries_the_shipped_weights(tmp_path):
     (wheel,) = tmp_path.glob("minicnn-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "minicnn/pretrained/hw3_cnn.npz" in names
+
+
+def test_predict_reads_image_files_and_folders_as_the_loader_does(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    model, norm, images = tiny_checkpoint(tmp_path / "c.npz")
+    clf = minicnn.load(tmp_path / "c.npz")
+    folder = tmp_path / "faces"
+    (folder / "more").mkdir(parents=True)
+    # 8x8 grey files (the tiny network's input size), one a 16x16 colour image that must be resized
+    names = [folder / "b.png", folder / "a.png", folder / "more" / "c.png"]
+    for path, img in zip(names, images[:3]):
+        Image.fromarray(img, "L").save(path)
+    big = np.repeat(np.repeat(images[3], 2, axis=0), 2, axis=1)
+    Image.fromarray(np.dstack([big] * 3), "RGB").save(folder / "d.png")
+    (folder / "notes.txt").write_text("not an image: a folder lists only image files")
+
+    expected = clf.predict_proba(images[:3])
+    np.testing.assert_allclose(clf.predict_proba([str(p) for p in names]), expected, rtol=1e-5)
+    np.testing.assert_array_equal(clf.predict(names[:2]), expected[:2].argmax(axis=1))
+    np.testing.assert_allclose(clf.predict_proba(names[0]), expected[:1], rtol=1e-5)  # one path
+    from minicnn.data.images import load_image
+
+    resized = load_image(folder / "d.png", (8, 8))
+    # a folder: its image files sorted (a, b, d, more/c), the 16x16 one resized to the network's 8x8
+    want = np.concatenate([expected[1:2], expected[0:1], clf.predict_proba(resized), expected[2:3]])
+    np.testing.assert_allclose(clf.predict_proba(folder), want, rtol=1e-5)
+    assert clf.predict_labels([folder]) == [clf.class_names[i] for i in want.argmax(axis=1)]
+    with pytest.raises(ValueError, match="not an image file"):
+        clf.predict([folder / "notes.txt"])
+    with pytest.raises(ValueError, match="no such file"):
+        clf.predict([tmp_path / "gone.png"])
+
+
+def test_the_shipped_weights_record_the_tta_padding_chosen_on_validation(shipped):
+    """`minicnn evaluate --split val --tta --choose-tta-padding 2 3 4` on the shipped file recorded padding 2."""
+    tta = shipped.meta["tta"]
+    assert tta["chosen_on"] == "val" and tta["padding"] == shipped.tta_padding == 2
+    assert set(tta["candidates"]) == {"2", "3", "4"}
+    assert tta["val_accuracy"] == max(tta["candidates"].values()) == tta["candidates"]["2"]
+    # chosen on the very validation split the weights were selected on (not on a test set)
+    val = shipped.meta["data_fingerprint"]["val"]
+    assert tta["val_fingerprint"] == val["sha256"] and tta["val_images"] == val["images"]

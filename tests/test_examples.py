@@ -118,7 +118,8 @@ def test_evaluate_test_split_with_plots(fer_run, tmp_path, capsys, cache_env):
     check_report(result, 7 * N_TEST, CLASS_NAMES)
     assert result["split"] == "test" and result["tta"] is False
     info = result["checkpoint"]
-    assert info["model"] == "hw3_cnn" and info["epoch"] == 1 and info["history_length"] == 1
+    assert info["model"] == "hw3_cnn" and info["history_length"] == 1
+    assert info["epochs_total"] == info["phase_epoch"] == 1 and info["phases"] == 1 and "epoch" not in info
     assert set(result["plots"]) == {"history", "confusion_matrix", "misclassified", "saliency", "filters",
                                     "activations"}
     assert result["plots_skipped"] == {}
@@ -150,7 +151,7 @@ def test_evaluate_rebuilds_the_validation_split_of_training(fer_run, capsys, cac
     assert rc == 0, err
     result = json.loads(out)
     check_report(result, 7, CLASS_NAMES)
-    assert result["tta"] is True and result["tta_padding"] == 4
+    assert result["tta"] is True and result["tta_padding"] == 4 and result["tta_padding_source"] == "default"
 
     # --tta-padding reaches the crops: other shifts, other averaged probabilities, another loss.
     rc, out, err = run_main(evaluate_script, ["--checkpoint", ckpt, "--data", str(data), "--split", "val", "--tta",
@@ -158,9 +159,111 @@ def test_evaluate_rebuilds_the_validation_split_of_training(fer_run, capsys, cac
     assert rc == 0, err
     shifted = json.loads(out)
     assert shifted["tta_padding"] == 2 and shifted["loss"] != pytest.approx(result["loss"], abs=1e-9)
+    assert shifted["tta_padding_source"] == "--tta-padding"
     with pytest.raises(SystemExit):
         evaluate_script.parse_args(["--tta", "--tta-padding", "24"])
     assert "--tta-padding must be between 0 and 23" in capsys.readouterr().err
+
+
+def test_evaluate_prints_a_per_class_table_and_a_progress_bar_on_stderr(fer_run, capsys, cache_env):
+    data, run = fer_run
+    argv = ["--checkpoint", str(run / "best.npz"), "--data", str(data), "--batch-size", "8"]
+    rc, out, err = run_main(evaluate_script, argv, capsys)
+    assert rc == 0, err
+    result = json.loads(out)  # stdout stays nothing but the JSON document
+    lines = err.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split() == ["precision", "recall", "f1", "support"])
+    assert "hw3_cnn, epoch 1: test split (PublicTest)" in lines[head - 1]
+    for name, line in zip(CLASS_NAMES, lines[head + 1 : head + 8]):
+        r = result["per_class"][name]
+        assert line.split() == [name, f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}",
+                                str(r["support"])]
+    acc = next(line for line in lines if line.startswith("accuracy "))
+    assert acc.split() == ["accuracy", f"{result['accuracy']:.4f}", str(7 * N_TEST)]
+    macro = next(line for line in lines if line.startswith("macro avg"))
+    m = result["macro_avg"]
+    assert macro.split()[2:] == [f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", str(7 * N_TEST)]
+    assert "predicting: 100%" in err and f"{7 * N_TEST}/{7 * N_TEST}" in err  # the tqdm bar, finished
+
+    rc, out, err = run_main(evaluate_script, argv + ["--tta", "--quiet"], capsys)
+    assert rc == 0, err
+    assert json.loads(out)["tta"] is True
+    assert "precision" not in err and "%|" not in err  # --quiet: neither table nor bar
+    rc, out, err = run_main(evaluate_script, argv + ["--tta"], capsys)
+    assert "predicting (TTA, 10 views): 100%" in err and "TTA padding 4 (default)" in err
+
+
+def test_predict_functions_show_progress_only_when_asked(capsys):
+    model = small_model()
+    x = np.random.default_rng(0).normal(size=(7, 1, 12, 12)).astype(np.float32)
+    quiet = predict_tta(model, x, batch_size=3)
+    assert capsys.readouterr().err == ""
+    np.testing.assert_allclose(predict_tta(model, x, batch_size=3, progress="tta bar"), quiet)
+    err = capsys.readouterr().err
+    assert "tta bar: 100%" in err and "7/7" in err
+    predict_proba(model, x, batch_size=3, progress=True)
+    assert "7/7" in capsys.readouterr().err
+
+
+def test_best_padding_is_the_most_accurate_and_the_smallest_among_ties():
+    assert evaluate_script.best_padding({2: 0.6598, 3: 0.6595, 4: 0.6581}) == 2  # the shipped weights' figures
+    assert evaluate_script.best_padding({4: 0.70, 2: 0.60, 3: 0.65}) == 4
+    assert evaluate_script.best_padding({4: 0.5, 3: 0.6, 1: 0.6}) == 1
+
+
+def test_choose_tta_padding_on_val_records_it_in_the_checkpoint(fer_run, tmp_path, capsys, cache_env):
+    data, run = fer_run
+    ckpt = tmp_path / "best.npz"
+    ckpt.write_bytes((run / "best.npz").read_bytes())
+    arrays_before, meta_before = load_npz(ckpt)
+    base = ["--checkpoint", str(ckpt), "--data", str(data), "--split", "val", "--tta"]
+    accs = {}
+    for pad in (0, 1, 3):
+        rc, out, err = run_main(evaluate_script, base + ["--tta-padding", str(pad), "--quiet"], capsys)
+        assert rc == 0, err
+        accs[pad] = json.loads(out)["accuracy"]
+    best = max(accs, key=lambda q: (accs[q], -q))
+    rc, out, err = run_main(evaluate_script, base + ["--choose-tta-padding", "3", "1", "0"], capsys)
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["tta_padding"] == best and result["accuracy"] == pytest.approx(accs[best])
+    assert result["tta_padding_source"] == "chosen on val (--choose-tta-padding)"
+    for pad in (0, 1, 3):
+        assert f"padding {pad}: val accuracy {accs[pad]:.4f}" in err
+    arrays_after, meta_after = load_npz(ckpt)
+    assert meta_after["tta"] == result["tta_choice"] == result["checkpoint"]["tta"]
+    assert meta_after["tta"]["padding"] == best and meta_after["tta"]["chosen_on"] == "val"
+    assert meta_after["tta"]["val_accuracy"] == pytest.approx(accs[best])
+    assert meta_after["tta"]["candidates"] == {str(q): pytest.approx(a) for q, a in accs.items()}
+    # the weights and everything else are untouched, and no temporary file is left behind
+    assert set(arrays_after) == set(arrays_before)
+    for name in arrays_before:
+        np.testing.assert_array_equal(arrays_after[name], arrays_before[name])
+    assert {k: v for k, v in meta_after.items() if k != "tta"} == meta_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.npz", "cache"]
+    assert minicnn.load(ckpt).tta_padding == best
+
+    # --tta now uses the recorded padding by default, and says so; --tta-padding still overrides it
+    rc, out, err = run_main(evaluate_script, ["--checkpoint", str(ckpt), "--data", str(data), "--tta"], capsys)
+    result = json.loads(out)
+    assert result["tta_padding"] == best and result["tta_padding_source"] == "checkpoint (chosen on val)"
+    rc, out, err = run_main(evaluate_script, ["--checkpoint", str(ckpt), "--data", str(data), "--tta",
+                                              "--tta-padding", "5"], capsys)
+    assert json.loads(out)["tta_padding"] == 5
+
+    # choosing on a test set, or without --tta, is refused before anything runs
+    for argv, why in ((["--split", "test", "--tta"], "chooses on the validation split (--split val), not on test"),
+                      (["--split", "privatetest", "--tta"], "not on privatetest"),
+                      (["--split", "val"], "needs --tta"),
+                      (["--split", "val", "--tta", "--tta-padding", "2"], "not both"),
+                      (["--split", "val", "--tta", "--choose-tta-padding", "2", "30"], "between 0 and 23")):
+        if "--choose-tta-padding" not in argv:
+            argv = argv + ["--choose-tta-padding", "2", "3"]
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate_script.parse_args(["--checkpoint", str(ckpt), *argv])
+        assert exit_info.value.code == 2
+        assert why in capsys.readouterr().err
+    assert load_npz(ckpt)[1] == meta_after
 
 
 def test_precise_bn_recalibrates_on_the_clean_training_split(fer_run, tmp_path, capsys, cache_env):
@@ -231,7 +334,7 @@ def test_evaluate_merges_disgust_for_a_six_class_checkpoint(fer_run, tmp_path, c
     result = json.loads(out)
     check_report(result, 7 * N_TEST, names)
     assert result["per_class"]["angry"]["support"] == 2 * N_TEST  # angry + disgust
-    assert result["checkpoint"]["epoch"] == 3 and result["checkpoint"]["history_length"] == 0
+    assert result["checkpoint"]["phase_epoch"] == 3 and result["checkpoint"]["history_length"] == 0
     assert "plots" not in result  # only with --plots
 
 
@@ -303,21 +406,75 @@ def test_predict_table_and_agreement_with_the_loader(fer_run, capsys, cache_env)
     assert header.split() == ["image", "predicted", "top", "1", "top", "2"]
 
 
-def test_predict_bad_inputs_exit_2_naming_the_file(fer_run, face_files, tmp_path, capsys):
+def test_predict_bad_inputs_are_reported_and_skipped(fer_run, face_files, tmp_path, capsys):
     _, run = fer_run
     ckpt = str(run / "best.npz")
-    colour, _ = face_files
+    colour, gray = face_files
     missing = tmp_path / "nope.png"
     text = tmp_path / "notes.jpg"
     text.write_text("not an image")
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(gray.read_bytes()[:70])
+    # an unreadable file is skipped (named on stderr), the others still predicted: exit 1
+    rc, out, err = run_main(predict_script, [str(colour), str(text), str(truncated), str(gray), "--checkpoint", ckpt,
+                                             "--json"], capsys)
+    assert rc == 1, err
+    doc = json.loads(out)
+    assert [p["image"] for p in doc["predictions"]] == [str(colour), str(gray)]
+    assert [s["image"] for s in doc["skipped"]] == [str(text), str(truncated)]
+    assert f"skipped: {text}: not an image" in err and f"skipped: {truncated}: cannot read image" in err
+    assert str(colour) not in err
+    # a named file that does not exist: exit 2, every problem reported, the rest still predicted
     rc, out, err = run_main(predict_script, [str(colour), str(missing), str(text), "--checkpoint", ckpt], capsys)
-    assert rc == 2 and out == ""
+    assert rc == 2
     assert f"{missing}: no such file" in err  # every bad file is reported, not only the first
     assert f"{text}: not an image" in err
-    assert str(colour) not in err
+    assert out.splitlines()[1].startswith(str(colour)) and len(out.splitlines()) == 2
+    # nothing readable: exit 2, nothing on stdout
+    rc, out, err = run_main(predict_script, [str(text), "--checkpoint", ckpt], capsys)
+    assert rc == 2 and out == "" and "no image could be read" in err
 
     rc, out, err = run_main(predict_script, [str(colour), "--checkpoint", str(tmp_path / "gone.npz")], capsys)
     assert rc == 2 and str(tmp_path / "gone.npz") in err
+
+
+def test_predict_takes_folders_and_a_backend(fer_run, face_files, tmp_path, capsys):
+    _, run = fer_run
+    ckpt = str(run / "best.npz")
+    colour, gray = face_files  # both in tmp_path
+    (tmp_path / "sub").mkdir()
+    Image.fromarray(np.full((48, 48), 90, np.uint8)).save(tmp_path / "sub" / "a.bmp")
+    Image.fromarray(np.full((48, 48), 90, np.uint8)).save(tmp_path / ".hidden.png")
+    (tmp_path / "sub" / "readme.txt").write_text("not an image, and not an image extension: not even tried")
+    rc, out, err = run_main(predict_script, [str(tmp_path), "--checkpoint", ckpt, "--json", "--backend", "numpy"],
+                            capsys)
+    assert rc == 0, err
+    doc = json.loads(out)
+    images = [p["image"] for p in doc["predictions"]]
+    assert images == [str(colour), str(gray), str(tmp_path / "sub" / "a.bmp")]  # sorted, recursive, no hidden
+    assert doc["skipped"] == [] and err == ""
+    # the same probabilities as the files named one by one
+    rc, out, err = run_main(predict_script, [str(gray), "--checkpoint", ckpt, "--json"], capsys)
+    alone = json.loads(out)["predictions"][0]["probabilities"]
+    assert alone == pytest.approx(doc["predictions"][1]["probabilities"], rel=1e-4, abs=1e-6)  # float32, other batch
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, out, err = run_main(predict_script, [str(empty), "--checkpoint", ckpt], capsys)
+    assert rc == 2 and f"{empty}: a folder with no image files" in err
+    with pytest.raises(SystemExit):
+        predict_script.parse_args([str(gray), "--backend", "torch"])
+
+
+def test_predict_defaults_to_the_shipped_weights(face_files, capsys):
+    from minicnn.classifier import pretrained_path  # noqa: PLC0415
+
+    colour, _ = face_files
+    rc, out, err = run_main(predict_script, [str(colour), "--json"], capsys)
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["checkpoint"] == str(pretrained_path("hw3_cnn"))
+    expected = minicnn.pretrained("hw3_cnn").predict_proba([colour])[0]
+    np.testing.assert_allclose(list(doc["predictions"][0]["probabilities"].values()), expected, rtol=1e-6)
 
 
 def test_predict_cli_has_no_traceback(tmp_path, face_files):
@@ -448,7 +605,9 @@ def test_init_from_starts_a_new_run_from_the_checkpoint_weights(fer_run, tmp_pat
     rc, out_text, err = run_main(evaluate_script, ["--checkpoint", str(out / "last.npz"), "--data", str(data)], capsys)
     assert rc == 0, err
     info = json.loads(out_text)["checkpoint"]
-    assert info["epoch"] == 1 and info["epochs_total"] == 2 and info["init_from"] == str(run / "best.npz")
+    assert info["phase_epoch"] == 1 and info["epochs_total"] == 2 and info["phases"] == 2
+    assert info["init_from"] == str(run / "best.npz") and "epoch" not in info
+    assert "2 epochs in all (2 phases; epoch 1 of the last phase)" in err  # the terminal says it too
 
 
 def test_init_from_draws_fresh_streams_and_a_resumed_phase_ends_identically(fer_run, tmp_path, capsys, cache_env):

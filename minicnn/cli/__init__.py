@@ -9,7 +9,8 @@
     python -m minicnn ...                           # the same
 
 Each subcommand is a module of this package with a ``main(argv)`` returning the exit code
-(0 done, 1 training diverged, 2 a bad flag, file, checkpoint or backend, 130 interrupted);
+(0 done; 1 training diverged, or predict skipped some images; 2 a bad flag, file, checkpoint or
+backend; 130 interrupted);
 ``examples/fer2013/*.py`` and ``benchmarks/bench_train_step.py`` are thin wrappers of them.
 """
 from __future__ import annotations

@@ -3,7 +3,9 @@
     python examples/fer2013/evaluate.py --data data/fer2013                 # the shipped hw3_cnn weights
     python examples/fer2013/evaluate.py --checkpoint runs/fer2013/best.npz --split val --plots figures/
     python examples/fer2013/evaluate.py --tta --backend cupy                # 10-crop test-time augmentation
-    python examples/fer2013/evaluate.py --tta --tta-padding 2 --split val   # choose the crops' shift on val
+    python examples/fer2013/evaluate.py --tta --tta-padding 2 --split val   # try one crop shift on val
+    python -m minicnn evaluate --split val --tta --choose-tta-padding 2 3 4 --checkpoint run/best.npz
+                                                                            # choose it on val, record it
 
 Everything needed comes from the checkpoint written by train.py: the network,
 the normalisation statistics, the class names and the training arguments.
@@ -22,10 +24,28 @@ row order as in training (the JSON says ``"split_verified": false``); the
 shipped hw3_cnn.npz records the fingerprints of that legacy split of the
 image folders it was trained on.
 
+Test-time augmentation (--tta) averages 10 views: the image and its flip, each
+also shifted by P pixels towards the four corners. P is --tta-padding when
+given, else the padding recorded in the checkpoint (``meta["tta"]``, written by
+--choose-tta-padding), else 4; the JSON says which (``tta_padding`` and
+``tta_padding_source``). ``--split val --tta --choose-tta-padding 2 3 4``
+evaluates each candidate on the validation split, keeps the most accurate (the
+smallest padding among ties) and records it in the checkpoint, rewritten
+atomically (weights untouched). Choosing on test or privatetest is refused:
+the test sets report, they do not select.
+
+The epochs of a checkpoint: a run started with --init-from continues the
+training of another; ``epochs_total`` counts every epoch behind the weights
+(all phases), ``phase_epoch`` the epochs of the last phase (the run that wrote
+the file; "epoch" in its metadata), ``phases`` how many runs there were.
+
 stdout holds only the JSON document (accuracy, per-class precision / recall /
-F1, confusion matrix in counts and row-normalised, checkpoint information);
-progress goes to stderr. Exit codes: 0 ok, 2 unusable checkpoint, data,
-backend or --plots folder (the message names the file and the problem).
+F1, confusion matrix in counts and row-normalised, checkpoint information).
+stderr gets the progress (a bar while predicting) and a per-class table
+(precision, recall, F1, support, accuracy, macro average); --quiet leaves out
+both. Exit codes: 0 ok, 2 unusable checkpoint, data, backend, --plots folder
+or a checkpoint that cannot be rewritten (the message names the file and the
+problem).
 """
 from __future__ import annotations
 
@@ -41,7 +61,7 @@ import minicnn
 from .common import (PRETRAINED, SPLIT_USAGE, full_history, load_split, open_checkpoint,
                     resolve_data_path, to_model_input, training_args)
 from minicnn.backend import BackendUnavailableError
-from minicnn.checkpoint import finite_json, write_text
+from minicnn.checkpoint import finite_json, load_npz, save_npz, write_text
 from minicnn.data import DataError
 from minicnn.inference import predict_proba, predict_tta
 from minicnn.metrics import classification_report, log_loss
@@ -49,6 +69,7 @@ from minicnn.metrics import classification_report, log_loss
 SPLITS = ("test", "privatetest", "val", "train")
 SALIENCY_IMAGES = 7  # one per class
 ACTIVATION_IMAGES = 400  # images searched for the top activations (a seeded random subset)
+DEFAULT_TTA_PADDING = 4  # when neither --tta-padding nor the checkpoint says
 
 
 def parse_args(argv=None):
@@ -61,16 +82,31 @@ def parse_args(argv=None):
                         "val / train = Training as train.py split it")
     p.add_argument("--plots", metavar="DIR", help="write figures (PNG) and metrics.json to this folder")
     p.add_argument("--tta", action="store_true", help="average the softmax over 10 crops / flips of each image")
-    p.add_argument("--tta-padding", type=int, default=4, metavar="PX",
-                   help="with --tta, how far (pixels) the four corner crops shift the image (default 4); "
-                        "choose it on --split val, not on test")
+    p.add_argument("--tta-padding", type=int, default=None, metavar="PX",
+                   help="with --tta, how far (pixels) the four corner crops shift the image (default: the padding "
+                        f"recorded in the checkpoint by --choose-tta-padding, else {DEFAULT_TTA_PADDING})")
+    p.add_argument("--choose-tta-padding", type=int, nargs="+", default=None, metavar="PX",
+                   help="with --split val --tta: evaluate each padding on the validation split and record the most "
+                        "accurate in the checkpoint (rewritten atomically), so that --tta uses it by default")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no per-class table on stderr")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
-    if not 0 <= args.tta_padding < 24:
-        p.error(f"--tta-padding must be between 0 and 23 pixels (images are 48x48), got {args.tta_padding}")
+    for pad in ([args.tta_padding] if args.tta_padding is not None else []) + (args.choose_tta_padding or []):
+        if not 0 <= pad < 24:
+            p.error(f"--tta-padding must be between 0 and 23 pixels (images are 48x48), got {pad}")
+    if args.choose_tta_padding is not None:
+        if args.split != "val":
+            p.error(f"--choose-tta-padding chooses on the validation split (--split val), not on {args.split}: "
+                    "choosing on a test set would make its accuracy an optimistic estimate")
+        if not args.tta:
+            p.error("--choose-tta-padding needs --tta (it chooses the padding of test-time augmentation)")
+        if args.tta_padding is not None:
+            p.error("give either --tta-padding or --choose-tta-padding, not both")
+        if args.plots:
+            p.error("--choose-tta-padding does not draw --plots: evaluate again with the chosen padding for those")
     return args
 
 
@@ -85,12 +121,32 @@ def dumps(obj) -> str:
     return re.sub(r"\[\s+([-0-9.eE+,\s]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
 
 
-def checkpoint_info(path, model, meta: dict, class_names) -> dict:
-    """What the JSON says about the checkpoint: model, epoch, history, training data.
+def epochs_of(meta: dict) -> dict:
+    """How long the weights were trained: ``epochs_total``, ``phases``, ``phase_epoch``.
 
-    ``epoch`` counts the epochs of the run that wrote the checkpoint;
-    ``epochs_total`` adds those of the runs it was started from (``--init-from``).
+    ``phase_epoch`` is the epoch of the run that wrote the checkpoint (its
+    metadata's bare ``epoch``: the best epoch for best.npz); ``epochs_total``
+    adds the epochs of every run it was started from with ``--init-from``
+    (:func:`~minicnn.cli.common.full_history`), ``phases`` counts the runs.
+    The shipped hw3_cnn.npz: 83 epochs in 4 phases, the last phase's epoch 2.
     """
+    before = full_history({"init": meta.get("init")})  # the earlier phases only
+    phase_epoch = meta.get("epoch")
+    return {"epochs_total": len(before) + (phase_epoch or 0),
+            "phases": (before[-1]["phase"] + 2) if before else 1,
+            "phase_epoch": phase_epoch}
+
+
+def describe_epochs(meta: dict) -> str:
+    """``"83 epochs in all (4 phases; epoch 2 of the last phase)"`` or ``"epoch 3"``."""
+    e = epochs_of(meta)
+    if e["phases"] == 1:
+        return f"epoch {e['phase_epoch']}"
+    return f"{e['epochs_total']} epochs in all ({e['phases']} phases; epoch {e['phase_epoch']} of the last phase)"
+
+
+def checkpoint_info(path, model, meta: dict, class_names) -> dict:
+    """What the JSON says about the checkpoint: model, epochs (see :func:`epochs_of`), history, training data."""
     history = meta.get("history") or []
     val_accs = [h["val_acc"] for h in history if h.get("val_acc") is not None]
     init = meta.get("init") or {}
@@ -98,8 +154,7 @@ def checkpoint_info(path, model, meta: dict, class_names) -> dict:
         "path": str(path),
         "model": model.name,
         "config": model.config,
-        "epoch": meta.get("epoch"),
-        "epochs_total": (meta.get("epoch") or 0) + len(init.get("epochs_before") or []),
+        **epochs_of(meta),
         "init_from": init.get("checkpoint"),
         "batchnorm_recalibration": meta.get("batchnorm_recalibration"),  # precise_bn.py's record, if any
         "history_length": len(history),
@@ -107,18 +162,64 @@ def checkpoint_info(path, model, meta: dict, class_names) -> dict:
         "class_names": list(class_names),
         "trained_on": (meta.get("args") or {}).get("data"),
         "backend": meta.get("backend"),
+        "tta": meta.get("tta"),  # the padding chosen on validation by --choose-tta-padding, if any
     }
 
 
-def evaluate(model, norm, ds, class_names, tta=False, batch_size=256, tta_padding=4):
+def resolve_tta_padding(given, meta: dict) -> tuple[int, str]:
+    """(padding, where it came from): --tta-padding, else the checkpoint's recorded choice, else 4."""
+    if given is not None:
+        return int(given), "--tta-padding"
+    recorded = (meta.get("tta") or {}).get("padding")
+    if recorded is not None:
+        return int(recorded), f"checkpoint (chosen on {(meta.get('tta') or {}).get('chosen_on', 'val')})"
+    return DEFAULT_TTA_PADDING, "default"
+
+
+def best_padding(accuracies: dict) -> int:
+    """The padding of highest validation accuracy in ``{padding: accuracy}``; the smallest among ties."""
+    return max(accuracies, key=lambda q: (accuracies[q], -q))
+
+
+def record_tta_choice(path, choice: dict) -> None:
+    """Write ``choice`` as ``meta["tta"]`` into the checkpoint ``path``: atomically, every array unchanged."""
+    arrays, meta = load_npz(path)
+    meta["tta"] = choice
+    save_npz(path, arrays, meta)
+
+
+def format_report(report: dict, title: str = "") -> str:
+    """The per-class table of a :func:`classification_report` (as sklearn prints it), for the terminal."""
+    names = list(report["per_class"])
+    w = max(len("macro avg"), *(len(n) for n in names))
+    lines = [title] if title else []
+    lines.append(f"{'':<{w}}  {'precision':>9}  {'recall':>6}  {'f1':>6}  {'support':>7}")
+    for n in names:
+        r = report["per_class"][n]
+        lines.append(f"{n:<{w}}  {r['precision']:>9.4f}  {r['recall']:>6.4f}  {r['f1']:>6.4f}  {r['support']:>7d}")
+    lines.append("")
+    total = report["num_examples"]
+    lines.append(f"{'accuracy':<{w}}  {'':>9}  {'':>6}  {report['accuracy']:>6.4f}  {total:>7d}")
+    m = report["macro_avg"]
+    lines.append(f"{'macro avg':<{w}}  {m['precision']:>9.4f}  {m['recall']:>6.4f}  {m['f1']:>6.4f}  {total:>7d}")
+    if "loss" in report:
+        lines.append(f"{'loss':<{w}}  {'':>9}  {'':>6}  {report['loss']:>6.4f}")
+    return "\n".join(lines)
+
+
+def evaluate(model, norm, ds, class_names, tta=False, batch_size=256, tta_padding=4, progress=None):
     """(report, softmax probabilities (N, K)) of ``model`` on ``ds``.
 
     The report is :func:`minicnn.metrics.classification_report` plus ``loss``:
     the mean cross-entropy -log p(true class) (of the averaged probabilities
-    with TTA), the same quantity as train.py's ``val_loss``.
+    with TTA), the same quantity as train.py's ``val_loss``. ``progress``: a
+    progress bar description (see :func:`minicnn.inference.progress_bar`).
     """
     x = to_model_input(norm, ds.images)
-    probs = predict_tta(model, x, batch_size, padding=tta_padding) if tta else predict_proba(model, x, batch_size)
+    if tta:
+        probs = predict_tta(model, x, batch_size, padding=tta_padding, progress=progress)
+    else:
+        probs = predict_proba(model, x, batch_size, progress=progress)
     report = classification_report(ds.labels, probs.argmax(axis=1), class_names)
     report = {"loss": log_loss(probs, ds.labels), **report}
     return report, probs
@@ -187,9 +288,35 @@ def main(argv=None) -> int:
         if verified is False:
             log(f"warning: {ckpt} records no fingerprint of its {args.split} images: rebuilt its legacy split by "
                 "row position, which holds the right images only if the data is in the order it was trained on")
-        log(f"evaluating {model.name} (epoch {meta.get('epoch')}) on {len(ds)} images"
-            f"{' with test-time augmentation' if args.tta else ''}")
-        report, probs = evaluate(model, norm, ds, class_names, args.tta, args.batch_size, args.tta_padding)
+        padding, source = resolve_tta_padding(args.tta_padding, meta)
+        log(f"evaluating {model.name} ({describe_epochs(meta)}) on {len(ds)} images"
+            + (f" with test-time augmentation (padding {padding}: {source})" if args.tta and not args.choose_tta_padding
+               else " with test-time augmentation" if args.tta else ""))
+        choice = None
+        if args.choose_tta_padding:
+            tried = {}
+            for pad in dict.fromkeys(args.choose_tta_padding):  # in the order given, without repeats
+                rep_, probs_ = evaluate(model, norm, ds, class_names, True, args.batch_size, pad,
+                                        progress=None if args.quiet else f"TTA padding {pad}")
+                tried[pad] = (rep_, probs_)
+                log(f"  padding {pad}: val accuracy {rep_['accuracy']:.4f}, loss {rep_['loss']:.4f}")
+            padding = best_padding({q: r[0]["accuracy"] for q, r in tried.items()})
+            report, probs = tried[padding]
+            source = "chosen on val (--choose-tta-padding)"
+            choice = {"padding": padding, "chosen_on": "val", "val_accuracy": report["accuracy"],
+                      "val_images": len(ds), "val_fingerprint": ds.fingerprint(),
+                      "candidates": {str(q): tried[q][0]["accuracy"] for q in tried}}
+            try:
+                record_tta_choice(ckpt, choice)
+            except OSError as exc:
+                raise minicnn.CheckpointError(f"{ckpt}: cannot record the chosen TTA padding "
+                                              f"({exc.strerror or exc})") from None
+            meta["tta"] = choice
+            log(f"chose TTA padding {padding} (val accuracy {report['accuracy']:.4f}); recorded in {ckpt}")
+        else:
+            progress = None if args.quiet else ("predicting (TTA, 10 views)" if args.tta else "predicting")
+            report, probs = evaluate(model, norm, ds, class_names, args.tta, args.batch_size, padding,
+                                     progress=progress)
     except (minicnn.CheckpointError, DataError, BackendUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -197,7 +324,8 @@ def main(argv=None) -> int:
               "split": args.split, "usage": SPLIT_USAGE[args.split],
               **({"split_method": targs["split_method"], "split_verified": verified} if verified is not None else {}),
               "tta": args.tta,
-              **({"tta_padding": args.tta_padding} if args.tta else {}), **report}
+              **({"tta_padding": padding, "tta_padding_source": source} if args.tta else {}),
+              **({"tta_choice": choice} if choice else {}), **report}
     if args.plots:
         log(f"writing figures to {args.plots}")
         try:
@@ -208,7 +336,11 @@ def main(argv=None) -> int:
             print(f"error: --plots {args.plots}: {exc.strerror or exc}"
                   + (f" ({exc.filename})" if exc.filename else ""), file=sys.stderr)
             return 2
-    print(dumps(finite_json(result)))
+    print(dumps(finite_json(result)), flush=True)
+    if not args.quiet:
+        tta = f", TTA padding {padding} ({source})" if args.tta else ""
+        log(format_report(report, f"{model.name}, {describe_epochs(meta)}: {args.split} split "
+                                  f"({SPLIT_USAGE[args.split]}){tta}"))
     log(f"{args.split} accuracy {report['accuracy']:.4f} on {report['num_examples']} images")
     return 0
 

@@ -1,18 +1,29 @@
 """Predict the facial expression of face images with a FER-2013 checkpoint.
 
-    python examples/fer2013/predict.py face.jpg other.png              # table, shipped hw3_cnn weights
-    python examples/fer2013/predict.py face.jpg --top 3 --json --checkpoint runs/fer2013/best.npz
+    python -m minicnn predict face.jpg other.png                  # table, the shipped hw3_cnn weights
+    python -m minicnn predict photos/ --json --top 3              # every image under photos/, as JSON
+    python examples/fer2013/predict.py face.jpg --checkpoint runs/fer2013/best.npz --backend cupy
 
-Any image Pillow can read, of any size, colour or grayscale, is turned into
-what the network was trained on: its EXIF orientation applied, converted to
-grayscale (16-bit images scaled to 0..255, not clipped), resized to 48x48
-(bilinear, as the FER-2013 loader does), then
-normalised with the checkpoint's statistics. The image should be a face
-cropped roughly as in FER-2013 (no face detection is done here).
+IMAGE arguments are image files or folders; a folder gives every image file
+under it (recursively, sorted, hidden files skipped, only extensions Pillow
+reads: :func:`minicnn.data.images.find_images`). Any image Pillow can read, of
+any size, colour or grayscale, is turned into what the network was trained on
+(:func:`minicnn.data.images.load_image`): its EXIF orientation applied,
+converted to grayscale (16-bit images scaled to 0..255, not clipped), resized
+to 48x48 (bilinear, as the FER-2013 loader does), then normalised with the
+checkpoint's statistics. The image should be a face cropped roughly as in
+FER-2013 (no face detection is done here).
+
+A file that cannot be read (not an image, truncated) is skipped with a
+message on stderr naming it, and the others are still predicted; with --json
+the document lists it under "skipped".
 
 Output: a table (image, predicted class, probability of every class; with
 --top K the K most probable classes instead), or JSON with --json.
-Exit codes: 0 ok, 2 unreadable image or unusable checkpoint (the message
+Exit codes: 0 every image predicted; 1 some files skipped (each reported on
+stderr) and the others predicted; 2 nothing predicted (no readable image, or
+a folder without images), a named file or folder that does not exist (the
+others are still predicted), or an unusable checkpoint or backend (the message
 names the file).
 """
 from __future__ import annotations
@@ -25,46 +36,35 @@ from pathlib import Path
 import numpy as np
 
 import minicnn
-from .common import PRETRAINED, open_checkpoint, to_model_input
-from minicnn.data.fer2013 import to_grey48
-from minicnn.inference import predict_proba
-
-
-class ImageError(ValueError):
-    """An input image that cannot be used; the message names the file."""
+from .common import open_checkpoint
+from minicnn.backend import BackendUnavailableError
+from minicnn.classifier import ImageClassifier, pretrained_path
+from minicnn.data.images import ImageError, find_images
+from minicnn.data.images import load_image as _load_image
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
-    p.add_argument("--checkpoint", default=str(PRETRAINED),
-                   help=f"checkpoint written by train.py (default {PRETRAINED})")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files (any format Pillow reads) or folders of them")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint written by train.py (default: the shipped hw3_cnn weights, "
+                        "minicnn.classifier.pretrained_path('hw3_cnn'))")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--top", type=int, default=None, metavar="K", help="show only the K most probable classes")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    p.add_argument("--batch-size", type=int, default=256)
     args = p.parse_args(argv)
     if args.top is not None and args.top < 1:
         p.error(f"--top must be at least 1, got {args.top}")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     return args
 
 
-def load_image(path) -> np.ndarray:
-    """``uint8 (48, 48)`` grey levels of the image file ``path``; :class:`ImageError` naming it otherwise."""
-    from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: PLC0415
-
-    path = Path(path)
-    if not path.exists():
-        raise ImageError(f"{path}: no such file")
-    if not path.is_file():
-        raise ImageError(f"{path}: not a file")
-    try:
-        with Image.open(path) as im:
-            im.load()  # decode now, so a truncated file fails here
-            im = ImageOps.exif_transpose(im)  # phone photos are often stored rotated
-            return to_grey48(im)  # as the FER-2013 loader decodes (16-bit images scaled, not clipped)
-    except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file Pillow can read") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+def load_image(path, size=(48, 48)) -> np.ndarray:
+    """``uint8 (48, 48)`` grey levels of the image file ``path``: :func:`minicnn.data.images.load_image`."""
+    return _load_image(path, size)
 
 
 def ranked(probs_row, class_names, top=None) -> list[tuple[str, float]]:
@@ -108,35 +108,62 @@ def to_json(paths, probs, class_names, checkpoint, top=None) -> dict:
     return {"checkpoint": str(checkpoint), "class_names": list(class_names), "predictions": preds}
 
 
+def open_classifier(checkpoint) -> tuple[ImageClassifier, Path]:
+    """(classifier, path) of ``checkpoint`` (None: the shipped weights); CheckpointError naming it otherwise."""
+    ckpt = pretrained_path("hw3_cnn") if checkpoint is None else Path(checkpoint)
+    if not ckpt.is_file():
+        raise minicnn.CheckpointError(f"{ckpt}: no such checkpoint file")
+    model, norm, class_names, meta = open_checkpoint(ckpt)  # also checks the normaliser is usable
+    return ImageClassifier(model, norm, class_names, meta), ckpt
+
+
+def read_images(args_paths, size):
+    """(paths read, images uint8 (N, H, W), skipped [(path, reason)], missing [(path, reason)])."""
+    paths, images, skipped, missing = [], [], [], []
+    for arg in args_paths:
+        try:
+            files = find_images([arg])
+        except ImageError as exc:
+            missing.append((arg, str(exc)))
+            continue
+        if not files:
+            missing.append((arg, f"{arg}: a folder with no image files in it"))
+        for f in files:
+            try:
+                images.append(load_image(f, size))
+                paths.append(f)
+            except ImageError as exc:
+                skipped.append((f, str(exc)))
+    return paths, images, skipped, missing
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    ckpt = Path(args.checkpoint)
     try:
-        if not ckpt.is_file():
-            hint = (" (the shipped weights are not there: train a model with train.py and pass --checkpoint "
-                    "runs/fer2013/best.npz)") if ckpt.resolve() == PRETRAINED.resolve() else ""
-            raise minicnn.CheckpointError(f"{ckpt}: no such checkpoint file{hint}")
-        model, norm, class_names, _ = open_checkpoint(ckpt)
-    except minicnn.CheckpointError as exc:
+        minicnn.set_backend(args.backend)
+        clf, ckpt = open_classifier(args.checkpoint)
+    except (minicnn.CheckpointError, BackendUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    # Read every image before predicting, and report every bad one, not just the first.
-    images, errors = [], []
-    for p in args.images:
-        try:
-            images.append(load_image(p))
-        except ImageError as exc:
-            errors.append(str(exc))
-    if errors:
-        for e in errors:
-            print(f"error: {e}", file=sys.stderr)
+    paths, images, skipped, missing = read_images(args.images, clf.image_size)
+    for _, reason in missing:
+        print(f"error: {reason}", file=sys.stderr)
+    for _, reason in skipped:
+        print(f"skipped: {reason}", file=sys.stderr)
+    if not images:
+        print("error: no image could be read" + (f" ({len(skipped)} skipped)" if skipped else ""), file=sys.stderr)
         return 2
-    probs = predict_proba(model, to_model_input(norm, np.stack(images)))
+    probs = clf.predict_proba(np.stack(images), batch_size=args.batch_size)
     if args.json:
-        print(json.dumps(to_json(args.images, probs, class_names, ckpt, args.top), indent=1))
+        doc = to_json(paths, probs, clf.class_names, ckpt, args.top)
+        doc["skipped"] = [{"image": str(p), "error": r} for p, r in skipped + missing]
+        print(json.dumps(doc, indent=1))
     else:
-        print(format_table(args.images, probs, class_names, args.top))
-    return 0
+        print(format_table(paths, probs, clf.class_names, args.top))
+    if skipped or missing:
+        print(f"predicted {len(paths)} images; {len(skipped) + len(missing)} could not be used (see above)",
+              file=sys.stderr)
+    return 2 if missing else 1 if skipped else 0
 
 
 if __name__ == "__main__":

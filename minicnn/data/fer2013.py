@@ -466,24 +466,14 @@ def _discover_images(root: Path):
 
 
 def to_grey48(im) -> np.ndarray:
-    """A PIL image as ``uint8 (48, 48)`` grey levels: grayscale, resized (bilinear) if needed.
+    """A PIL image as ``uint8 (48, 48)`` grey levels: :func:`minicnn.data.images.to_grey` at FER-2013's size.
 
     16-bit images (PNG/TIFF, PIL modes ``I;16*`` and ``I``) are scaled from
-    0..65535 to 0..255 (``round(v / 257)``); PIL's own ``convert("L")`` would
-    clip them, so that any normal 16-bit photo came out all white.
+    0..65535 to 0..255 (``round(v / 257)``), not clipped.
     """
-    from PIL import Image  # noqa: PLC0415
+    from .images import to_grey  # noqa: PLC0415  (images imports this module)
 
-    if im.mode.startswith("I;16") or im.mode == "I":
-        wide = np.asarray(im).astype(np.int64)
-        if wide.size and (wide.min() < 0 or wide.max() > 65535):
-            raise ValueError(f"{im.mode} image with values {wide.min()}..{wide.max()}, outside the 16-bit range")
-        im = Image.fromarray(((wide + 128) // 257).astype(np.uint8), "L")
-    elif im.mode != "L":
-        im = im.convert("L")  # also drops an alpha channel
-    if im.size != (IMAGE_SIZE, IMAGE_SIZE):
-        im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-    return np.asarray(im, dtype=np.uint8)
+    return to_grey(im, (IMAGE_SIZE, IMAGE_SIZE))
 
 
 def _decode_image(file) -> np.ndarray:
