@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -148,10 +147,9 @@ def worker_torch(args):
 
 # -- the launcher ------------------------------------------------------------------------------------
 def _mpiexec():
-    found = shutil.which("mpiexec") or shutil.which("mpirun")
-    local = Path(sys.executable).parent / "mpiexec"
-    if found is None and local.exists():
-        found = str(local)
+    from minicnn.distributed import find_mpiexec  # noqa: PLC0415
+
+    found = find_mpiexec()
     if found is None:
         sys.exit("error: no mpiexec found: pip install -e '.[mpi]' (mpi4py and the MPICH wheel) or a system MPI")
     return found
@@ -164,10 +162,10 @@ def _free_port():
 
 
 def _env():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "PMI_RANK"):
-        env.pop(k, None)
-    return env
+    from minicnn.distributed import launcher_free_environment  # noqa: PLC0415
+
+    return launcher_free_environment(
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 
 
 def run_config(kind, ranks, args, tmp):

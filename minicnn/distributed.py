@@ -59,6 +59,8 @@ __all__ = [
     "Communicator",
     "world",
     "launched_by_mpi",
+    "find_mpiexec",
+    "launcher_free_environment",
     "DistributedTrainer",
     "SyncBatchNorm1D",
     "SyncBatchNorm2D",
@@ -68,12 +70,33 @@ __all__ = [
 ]
 
 #: environment variables that MPI launchers (MPICH/Hydra, Open MPI, Intel MPI, Slurm's PMI) set in every rank
-_LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+_LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "PMI_RANK")
 
 
 def launched_by_mpi() -> bool:
     """True when this process was started by ``mpirun`` / ``mpiexec`` / ``srun`` (read from the environment)."""
     return any(v in os.environ for v in _LAUNCHER_VARIABLES)
+
+
+def launcher_free_environment(**extra) -> dict:
+    """This process's environment without the MPI launcher's variables (plus ``extra``): for child
+    processes that start their own MPI job, or must run as a single process."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
+    env.update(extra)
+    return env
+
+
+def find_mpiexec():
+    """The ``mpiexec`` (or ``mpirun``) to launch ranks with: on PATH, else beside this Python (where the
+    MPICH wheel installs it); None when there is none."""
+    import shutil  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    found = shutil.which("mpiexec") or shutil.which("mpirun")
+    if found is None and (Path(sys.executable).parent / "mpiexec").exists():
+        found = str(Path(sys.executable).parent / "mpiexec")
+    return found
 
 
 def _import_mpi():

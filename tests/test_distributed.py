@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,9 @@ from minicnn.distributed import (
     GradientAllreduce,
     SyncBatchNorm2D,
     convert_sync_batchnorm,
+    find_mpiexec,
     launched_by_mpi,
+    launcher_free_environment,
 )
 from minicnn.optim import SGD
 from minicnn.training import Trainer
@@ -119,9 +120,15 @@ def test_a_batch_smaller_than_the_number_of_ranks_is_refused():
         DistributedTrainer(model, SGD(model, lr=0.1), batch_size=2, comm=FakeRanks(0, 4))
 
 
-def test_not_launched_by_mpi_here():
-    assert launched_by_mpi() == any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK",
-                                                               "MPI_LOCALNRANKS"))
+@pytest.mark.parametrize("variable", ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"])
+def test_an_mpi_launch_is_recognised_from_the_environment_and_hidden_from_children(monkeypatch, variable):
+    for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "PMI_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert not launched_by_mpi()
+    monkeypatch.setenv(variable, "2")
+    assert launched_by_mpi()
+    child = launcher_free_environment(OMP_NUM_THREADS="1")
+    assert variable not in child and child["OMP_NUM_THREADS"] == "1"
 
 
 # -- real MPI ranks -----------------------------------------------------------------------------
@@ -130,21 +137,15 @@ def _mpiexec():
         import mpi4py  # noqa: F401, PLC0415
     except ImportError:
         pytest.skip("mpi4py is not installed (pip install -e '.[mpi]')")
-    found = shutil.which("mpiexec") or shutil.which("mpirun")
-    local = Path(sys.executable).parent / "mpiexec"
-    if found is None and local.exists():
-        found = str(local)
+    found = find_mpiexec()
     if found is None:
         pytest.skip("no mpiexec on PATH (pip install mpich, or a system MPI)")
     return found
 
 
 def _env():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "PMI_RANK"):
-        env.pop(k, None)
-    return env
+    return launcher_free_environment(PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                                     OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
 
 
 def run_worker(tmp_path, name, ranks, *flags, check=True):
