@@ -488,6 +488,12 @@ class DistributedTrainer(Trainer):
         return float(total_loss) / max(n, 1), float(total_correct) / max(n, 1)
 
     # -- files: rank 0 writes, every rank reads ------------------------------------------------
+    def _clean_orphaned_files(self, log):
+        # Rank 0 alone: another rank cleaning up could remove rank 0's temporary file mid-write (it did,
+        # under load: FileNotFoundError in rank 0's first save, the other ranks waiting forever in an allreduce).
+        if self.comm.rank == 0:
+            super()._clean_orphaned_files(log)
+
     def _save(self, name):
         if self.comm.rank != 0:
             return None

@@ -271,6 +271,20 @@ class Trainer:
         self.stopped_early = False
 
     # -- checkpoints ------------------------------------------------------------------
+    def _clean_orphaned_files(self, log):
+        """Remove the temporary files a killed write into ``out_dir`` left behind (see :func:`clean_orphaned_tmp`).
+
+        Only the process that writes the run's files may do this: another one could remove a temporary
+        file while the writer is filling it (:class:`~minicnn.distributed.DistributedTrainer` restricts it
+        to rank 0).
+        """
+        if self.out_dir is None:
+            return
+        removed = clean_orphaned_tmp(self.out_dir, RUN_FILES)
+        if removed:
+            log(f"removed {len(removed)} temporary file(s) left by an interrupted write: "
+                + ", ".join(p.name for p in removed))
+
     def _save(self, name):
         if self.out_dir is None:
             return None
@@ -441,11 +455,7 @@ class Trainer:
                 if labels is not None and len(labels) and labels.max() >= k:
                     raise ValueError(f"Trainer.fit: {name} holds label {int(labels.max())} but the network has "
                                      f"{k} outputs (classes 0..{k - 1})")
-        if self.out_dir is not None:
-            removed = clean_orphaned_tmp(self.out_dir, RUN_FILES)
-            if removed:
-                log(f"removed {len(removed)} temporary file(s) left by an interrupted write: "
-                    + ", ".join(p.name for p in removed))
+        self._clean_orphaned_files(log)
         if resume:
             self.resume()
             log(f"resumed from {self.out_dir / 'last.npz'} after epoch {self.epoch}")

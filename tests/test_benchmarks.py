@@ -32,3 +32,39 @@ def test_every_zoo_network_has_a_torch_twin_with_the_same_outputs(name):
         theirs = twin(torch.from_numpy(x)).numpy()
     ours = model.forward(x, training=False)
     np.testing.assert_allclose(ours, theirs, rtol=2e-4, atol=2e-4 * float(np.abs(theirs).max()))
+
+
+def _load_bench(name):
+    spec = importlib.util.spec_from_file_location(
+        f"minicnn_bench_{name}", Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_distributed_benchmark_bounds_time_the_layers_they_name(monkeypatch):
+    bench = _load_bench("bench_distributed")
+    model = minicnn.build_model("hw3_cnn")
+    x = np.random.default_rng(0).standard_normal((4, 1, 48, 48)).astype(np.float32)
+    calls = []
+    for layer in model.layers:
+        for method in ("forward", "backward"):
+            original = getattr(layer, method)
+            monkeypatch.setattr(layer, method, lambda *a, _f=original, _n=type(layer).__name__, _m=method, **k:
+                                (calls.append((_n, _m)), _f(*a, **k))[1])
+    seconds = bench.layer_seconds(model, x, repeats=2, kinds=("Conv2D", "Dense"))
+    assert seconds > 0
+    backwards = [name for name, method in calls if method == "backward"]
+    # one backward per Conv2D / Dense for the set-up pass, 2 warm-up and 2 timed runs: nothing else
+    assert sorted(set(backwards)) == ["Conv2D", "Dense"]
+    assert len(backwards) == 5 * (4 + 3)
+
+
+@pytest.mark.parametrize("c, f, h, w", [(1, 2, 4, 4), (3, 5, 6, 8), (4, 3, 10, 2)])
+def test_the_benchmarks_numpy_winograd_convolution_is_the_3x3_convolution(c, f, h, w):
+    winograd_conv3x3 = _load_bench("bench_conv_algorithms").winograd_conv3x3
+    rng = np.random.default_rng(c * 100 + h)
+    x = rng.standard_normal((2, c, h, w))
+    layer = minicnn.Conv2D(c, f, 3, padding=1, bias=False)
+    layer.params["W"] = rng.standard_normal((f, c, 3, 3))
+    np.testing.assert_allclose(winograd_conv3x3(x, layer.params["W"]), layer.forward(x), rtol=1e-10, atol=1e-10)

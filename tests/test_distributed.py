@@ -278,3 +278,24 @@ def test_data_parallel_training_on_the_device_copies_one_gradient_buffer_per_ste
     others = (len(long.copies) - len(flat(long))) - (len(short.copies) - len(flat(short)))
     assert others == (2 * 3 * 2 * 4 if sync_bn else 0), long.summary()
     assert len(long.syncs) - len(short.syncs) == (2 * 4 + others) // 2  # each device-to-host copy is a sync
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank_0_removes_temporary_files_from_the_run_folder(tmp_path, rank):
+    """Rank 0 writes the run's files through temporary ones; another rank cleaning up 'orphans' at its
+    start removed rank 0's first checkpoint mid-write under load (rank 0 failed, rank 1 hung)."""
+    comm = loopback(2)
+    comm.rank = rank
+    orphan = tmp_path / ".last.npz.abcd1234.tmp"
+    orphan.write_bytes(b"a write in progress, or one a kill -9 interrupted")
+    minicnn.set_default_dtype("float64")
+    minicnn.seed(0)
+    model = build(False, 0.0)
+    x, y = data(32)
+    trainer = DistributedTrainer(model, SGD(model, lr=0.05), batch_size=16, progress=False, log_every=1000,
+                                 comm=comm, out_dir=tmp_path)
+    seen = []
+    trainer._save = lambda name: seen.append((name, orphan.exists()))  # the moment rank 0 would write
+    trainer.fit(x, y, epochs=1, log=lambda *a: None)
+    assert seen[0] == ("last.npz", rank != 0)  # rank 0 cleaned before writing; rank 1 left it alone
+    assert orphan.exists() == (rank != 0)

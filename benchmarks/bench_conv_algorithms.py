@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""How fast can a NumPy convolution be? minicnn's im2col + GEMM against a NumPy Winograd F(2x2, 3x3)
+and PyTorch's CPU convolution (oneDNN), in the same run, on hw3_cnn's four 3x3 convolutions.
+
+For each shape: the forward pass (im2col + one GEMM + the NCHW copy, as ``minicnn.Conv2D.forward``),
+the forward and backward pass of the layer, the time of the layer's matrix products alone (its
+three GEMMs, the GEMM-bound limit of im2col), a Winograd forward written with NumPy array operations
+(``winograd_conv3x3`` below: 2.25x fewer multiplications, but its input and output transforms are
+sixteen strided passes each), and PyTorch's forward and forward + backward on the same tensors. One
+thread by default: a rank of ``bench_distributed.py``'s 2-rank configuration. Every result is first
+checked against ``minicnn.Conv2D`` (the timings are of code that computes the right thing).
+
+    python benchmarks/bench_conv_algorithms.py                  # batch 64, 1 thread: table + JSON
+    python benchmarks/bench_conv_algorithms.py --batch 128 --threads 2 --json out.json
+
+The question it answers (README, "Several processes"): whether the convolutions alone leave room
+for minicnn's whole step to match PyTorch's on this CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+# hw3_cnn's convolutions: (C_in, C_out, H = W), padding 1, stride 1
+HW3_CONVS = [(1, 32, 48), (32, 64, 24), (64, 128, 12), (128, 256, 6)]
+
+# Winograd F(2x2, 3x3) (Lavin & Gray 2016): Y = A^T [ (G g G^T) * (B^T d B) ] A on 4x4 input tiles
+_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+
+
+def _bt(r, out):
+    """B^T applied along the axis of the four slabs ``r`` (rows 0-3 of each tile), written to ``out``."""
+    np.subtract(r[0], r[2], out=out[0])
+    np.add(r[1], r[2], out=out[1])
+    np.subtract(r[2], r[1], out=out[2])
+    np.subtract(r[1], r[3], out=out[3])
+
+
+def _at(m, out):
+    """A^T applied along the axis of the four slabs ``m``, written to the two slabs ``out``."""
+    np.add(m[0], m[1], out=out[0])
+    out[0] += m[2]
+    np.subtract(m[1], m[2], out=out[1])
+    out[1] -= m[3]
+
+
+def winograd_conv3x3(x, w):
+    """3x3 cross-correlation, stride 1, padding 1, by Winograd F(2x2, 3x3), in NumPy array operations.
+
+    Shapes: x (N, C, H, W) with H and W even, w (F, C, 3, 3) -> out (N, F, H, W).
+    Tiles of 4x4 input pixels (stride 2) give 2x2 outputs: 16 batched GEMMs (F, C) @ (C, N*H*W/4)
+    instead of one (F, 9C) @ (9C, N*H*W), i.e. 4 instead of 9 multiplications per output and input channel.
+    """
+    n, c, h, wd = x.shape
+    f = w.shape[0]
+    th, tw = h // 2, wd // 2
+    u = np.einsum("au,fcuv,bv->abfc", _G, w, _G).astype(x.dtype).reshape(16, 1, f, c)
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    rows = np.empty((4, n, c, th, wd + 2), x.dtype)
+    _bt([xp[:, :, k:k + 2 * th:2] for k in range(4)], rows)
+    v = np.empty((4, 4, n, c, th, tw), x.dtype)
+    for i in range(4):
+        _bt([rows[i][..., k:k + 2 * tw:2] for k in range(4)], v[i])
+    m = np.matmul(u, v.reshape(16, n, c, th * tw)).reshape(4, 4, n, f, th, tw)
+    half = np.empty((2, 4, n, f, th, tw), x.dtype)
+    _at(m, half)
+    out = np.empty((n, f, th, 2, tw, 2), x.dtype)
+    for p in range(2):
+        _at(half[p], [out[:, :, :, p, :, 0], out[:, :, :, p, :, 1]])
+    return out.reshape(n, f, h, wd)
+
+
+def _gemms(layer, x):
+    """The layer's three matrix products, with its shapes, as a callable."""
+    from minicnn.layers.conv import im2col  # noqa: PLC0415
+
+    f = layer.out_channels
+    cols = im2col(x, 3, 3, 1, 1)
+    wm = layer.params["W"].reshape(f, -1)
+    g = np.ones((f, cols.shape[1]), x.dtype)
+
+    def run():
+        wm @ cols
+        g @ cols.T
+        wm.T @ g
+
+    return run
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1, help="BLAS / PyTorch threads")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--json", default=None, help="output JSON (default runs/benchmarks/conv_algorithms.json)")
+    args = p.parse_args(argv)
+
+    import torch  # noqa: PLC0415
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+    import minicnn  # noqa: PLC0415
+    from common import default_json_path, environment, markdown_table, time_call, write_json  # noqa: PLC0415
+
+    minicnn.backend.use_heap_allocator()
+    torch.set_num_threads(args.threads)
+    best = lambda fn: 1e3 * min(time_call(fn, args.repeats, args.warmup))  # noqa: E731  (ms, least disturbed)
+    rows = []
+    with threadpool_limits(args.threads):
+        for c, f, h in HW3_CONVS:
+            minicnn.seed(0)
+            layer = minicnn.Conv2D(c, f, 3, padding=1, bias=False)
+            rng = np.random.default_rng(0)
+            x = rng.standard_normal((args.batch, c, h, h)).astype(np.float32)
+            dout = rng.standard_normal((args.batch, f, h, h)).astype(np.float32)
+            ours = layer.forward(x)
+            wino = winograd_conv3x3(x, layer.params["W"])
+            tconv = torch.nn.Conv2d(c, f, 3, padding=1, bias=False)
+            with torch.no_grad():
+                tconv.weight.copy_(torch.from_numpy(layer.params["W"]))
+            tx = torch.from_numpy(x).requires_grad_(True)  # both compute dx, as for an inner layer
+            theirs = tconv(tx).detach().numpy()
+            scale = float(np.abs(ours).max())
+            for name, other in (("winograd", wino), ("torch", theirs)):
+                err = float(np.abs(other - ours).max()) / scale
+                if err > 1e-4:
+                    sys.exit(f"error: {name} convolution differs from minicnn.Conv2D by {err:.2e} (relative) "
+                             f"for shape {(c, f, h)}: refusing to time it")
+            tdout = torch.from_numpy(dout)
+
+            def ours_fwd_bwd():
+                layer.forward(x)
+                layer.backward(dout)
+
+            def torch_fwd_bwd():
+                tconv.weight.grad = None
+                tconv(tx).backward(tdout)
+
+            with torch.no_grad():
+                torch_fwd = best(lambda: tconv(tx))
+            row = {"shape": f"{c}->{f}, {h}x{h}", "im2col_fwd_ms": round(best(lambda: layer.forward(x)), 2),
+                   "winograd_fwd_ms": round(best(lambda: winograd_conv3x3(x, layer.params["W"])), 2),
+                   "torch_fwd_ms": round(torch_fwd, 2),
+                   "im2col_fwd_bwd_ms": round(best(ours_fwd_bwd), 2),
+                   "gemms_only_ms": round(best(_gemms(layer, x)), 2),
+                   "torch_fwd_bwd_ms": round(best(torch_fwd_bwd), 2)}
+            row["minicnn_vs_torch_fwd_bwd"] = round(row["torch_fwd_bwd_ms"] / row["im2col_fwd_bwd_ms"], 3)
+            rows.append(row)
+            print(f"{row['shape']}: done", flush=True)
+    total = {k: round(sum(r[k] for r in rows), 1) for k in rows[0] if k.endswith("_ms")}
+    rows.append({"shape": "all four", **total,
+                 "minicnn_vs_torch_fwd_bwd": round(total["torch_fwd_bwd_ms"] / total["im2col_fwd_bwd_ms"], 3)})
+    cols = ["shape", "im2col_fwd_ms", "winograd_fwd_ms", "torch_fwd_ms", "im2col_fwd_bwd_ms", "gemms_only_ms",
+            "torch_fwd_bwd_ms", "minicnn_vs_torch_fwd_bwd"]
+    print(f"\nhw3_cnn's 3x3 convolutions, batch {args.batch}, float32, {args.threads} thread(s), best of "
+          f"{args.repeats} (ms); minicnn_vs_torch = PyTorch time / minicnn time (forward + backward, "
+          "both with the input gradient)")
+    print(markdown_table(rows, cols))
+    out = args.json or default_json_path("conv_algorithms")
+    write_json(out, {"benchmark": "conv_algorithms", "batch": args.batch, "threads": args.threads,
+                     "repeats": args.repeats, "environment": environment(torch), "rows": rows})
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
