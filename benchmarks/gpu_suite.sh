@@ -4,6 +4,7 @@
 #
 #   benchmarks/gpu_suite.sh OUT_DIR                 # from the checkout; needs CuPy, a GPU, pytest, hypothesis, torch
 #   FER2013_DATA=data/fer2013_subset benchmarks/gpu_suite.sh OUT_DIR   # + the FER-2013 stages
+#   FER2013_DATA=data/fer2013.tar.xz benchmarks/gpu_suite.sh OUT_DIR   # the same, from an archive of fer_subset.py
 #
 # OUT_DIR receives at most 8 files: summary.md, summary.json, suite.log (every stage's output),
 # gpu_tests.xml, train_step_cupy.json, layers_cupy.json, epoch_cupy.json, fer_history.json.
@@ -43,6 +44,10 @@ stage gpu_tests 200 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" 
 stage train_step 75 "$PY" benchmarks/bench_train_step.py --backend cupy --models hw3_cnn hw3_dnn \
   --batch-sizes 128 256 --inference --generic --repeats 20 --warmup 5 --json "$OUT/train_step_cupy.json"
 stage layers 40 "$PY" benchmarks/bench_layers.py --backend cupy --repeats 20 --json "$OUT/layers_cupy.json"
+if [[ "${FER2013_DATA:-}" == *.tar.xz && -f "$FER2013_DATA" ]]; then  # packed by benchmarks/fer_subset.py
+  mkdir -p "$WORK/fer2013" && tar -xJf "$FER2013_DATA" -C "$WORK/fer2013" && FER2013_DATA="$WORK/fer2013"
+  echo "=== FER-2013 unpacked to $FER2013_DATA" | tee -a "$OUT/suite.log"
+fi
 if [ -n "${FER2013_DATA:-}" ] && [ -e "$FER2013_DATA" ]; then
   stage epoch 60 "$PY" benchmarks/bench_epoch.py --backend cupy --data "$FER2013_DATA" --json "$OUT/epoch_cupy.json"
   stage fer_train 150 "$PY" examples/fer2013/train.py --backend cupy --data "$FER2013_DATA" --epochs 3 \

@@ -221,15 +221,32 @@ def export_for_inference(src, dst, dtype=np.float32):
 
     Everything evaluation needs stays: weights, BatchNorm statistics, the model's
     name and configuration, the history and the caller's extras (class names,
-    normalisation statistics). Floating-point weights are stored as ``dtype``.
-    The result still loads with :func:`load_checkpoint`, but cannot resume training.
+    normalisation statistics). Floating-point weights and buffers are stored as
+    ``dtype`` (``float16`` halves the file again; loading casts them back to the
+    model's dtype, so only the rounding of the stored values differs: 11 significant
+    bits, an error of at most about 2**-11 of an array's largest value). A value
+    beyond ``dtype``'s range is refused, naming the array, rather than stored as an
+    infinity. The result still loads with :func:`load_checkpoint`, but cannot
+    resume training.
     """
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        raise ValueError(f"export_for_inference: dtype must be a floating-point type, got {dtype}")
     arrays, meta = load_npz(src)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{src}: not a minicnn training checkpoint (format {meta.get('format')!r})")
-    kept = {k: (v.astype(dtype) if v.dtype.kind == "f" and k.startswith(("param/", "buffer/")) else v)
-            for k, v in arrays.items() if not k.startswith("optim/")}
-    meta = dict(meta, exported_from=str(src), schedule=None, optimizer=None)
+    kept = {}
+    for key, value in arrays.items():
+        if key.startswith("optim/"):
+            continue
+        if value.dtype.kind == "f" and key.startswith(("param/", "buffer/")):
+            cast = value.astype(dtype)
+            if not np.isfinite(cast).all() and np.isfinite(value).all():
+                raise CheckpointError(f"{src}: {key} holds values up to {float(np.abs(value).max()):.4g}, beyond "
+                                      f"{dtype}'s largest {float(np.finfo(dtype).max):.4g}; export it as float32")
+            value = cast
+        kept[key] = value
+    meta = dict(meta, exported_from=str(src), schedule=None, optimizer=None, exported_dtype=str(dtype))
     return save_npz(dst, kept, meta)
 
 

@@ -321,6 +321,43 @@ def test_precise_bn_refuses_to_overwrite_and_names_a_bad_checkpoint(fer_run, tmp
     assert not (tmp_path / "o.npz").exists()
 
 
+# --------------------------------------------------------------------------- minicnn export
+
+
+def test_export_writes_a_float16_file_that_evaluates_like_its_checkpoint(fer_run, tmp_path, capsys, cache_env):
+    export_script = load_script("export")
+    data, run = fer_run
+    out = tmp_path / "model16.npz"
+    rc, stdout, _ = run_main(export_script, [str(run / "best.npz"), str(out), "--dtype", "float16"], capsys)
+    report = json.loads(stdout)
+    assert rc == 0 and report["model"] == "hw3_cnn" and report["dtype"] == "float16"
+    assert report["optimiser_arrays_dropped"] > 0 and 0 < report["rounding_error_vs_array_max"] <= 2.0 ** -11
+    assert report["bytes"]["exported"] == out.stat().st_size < report["bytes"]["checkpoint"] / 4  # Adam: 3 copies
+    results = {}
+    for name, path in (("source", run / "best.npz"), ("float16", out)):
+        rc, stdout, _ = run_main(evaluate_script, ["--checkpoint", str(path), "--data", str(data)], capsys)
+        assert rc == 0
+        results[name] = json.loads(stdout)
+    assert results["float16"]["loss"] == pytest.approx(results["source"]["loss"], rel=1e-2)
+    assert results["float16"]["num_examples"] == results["source"]["num_examples"] == 7 * N_TEST
+
+
+def test_export_refuses_its_source_an_existing_file_and_a_non_checkpoint(fer_run, tmp_path, capsys):
+    export_script = load_script("export")
+    _, run = fer_run
+    with pytest.raises(SystemExit):
+        export_script.parse_args([str(run / "best.npz"), str(run / "best.npz")])
+    assert "out must differ from the checkpoint" in capsys.readouterr().err
+    (tmp_path / "taken.npz").write_bytes(b"x")
+    with pytest.raises(SystemExit):
+        export_script.parse_args([str(run / "best.npz"), str(tmp_path / "taken.npz")])
+    assert "taken.npz exists: give --overwrite" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("not weights")
+    rc, _, err = run_main(export_script, [str(tmp_path / "notes.txt"), str(tmp_path / "o.npz")], capsys)
+    assert rc == 2 and "notes.txt" in err and "looks like a text file" in err
+    assert not (tmp_path / "o.npz").exists()
+
+
 def test_evaluate_merges_disgust_for_a_six_class_checkpoint(fer_run, tmp_path, capsys, cache_env):
     data, _ = fer_run
     names = [c for c in CLASS_NAMES if c != "disgust"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import minicnn
-from minicnn.checkpoint import load_npz
+from minicnn.checkpoint import CheckpointError, load_npz, save_npz
 from minicnn.data import Augmenter
 from minicnn.optim import Adam, make_schedule
 from minicnn.training import Trainer, TrainingDiverged
@@ -96,6 +96,44 @@ def test_export_for_inference_drops_optimiser_state_and_still_loads(tmp_path):
     assert_same_state(model, trainer.model)
     with pytest.raises(ValueError, match="optimiser state"):
         load_checkpoint(out, tiny_model(), optimizer=Adam(tiny_model()))
+
+
+def test_a_float16_export_halves_the_file_and_loads_as_the_rounded_float32_weights(tmp_path):
+    from minicnn.training import export_for_inference, load_checkpoint
+
+    trainer = make_trainer(tmp_path)
+    trainer.fit(*tiny_data(), epochs=1, log=lambda *_: None)
+    full = export_for_inference(tmp_path / "last.npz", tmp_path / "f32.npz")
+    half = export_for_inference(tmp_path / "last.npz", tmp_path / "f16.npz", dtype=np.float16)
+    arrays, meta = load_npz(half)
+    weights = [k for k in arrays if k.startswith(("param/", "buffer/")) and arrays[k].dtype.kind == "f"]
+    assert weights and all(arrays[k].dtype == np.float16 for k in weights) and meta["exported_dtype"] == "float16"
+    full_arrays, _ = load_npz(full)  # (the tiny model's file is mostly its JSON record, so compare the arrays)
+    assert 2 * sum(arrays[k].nbytes for k in weights) == sum(full_arrays[k].nbytes for k in weights)
+    assert half.stat().st_size < full.stat().st_size
+    model = tiny_model()
+    load_checkpoint(half, model)  # computes in float32 again, with the stored (rounded) values
+    for key, value in model.state_arrays().items():
+        expected = trainer.model.state_arrays()[key]
+        assert value.dtype == expected.dtype
+        np.testing.assert_array_equal(value, expected.astype(np.float16).astype(expected.dtype))
+
+
+def test_an_export_refuses_weights_beyond_float16s_range_naming_the_array(tmp_path):
+    from minicnn.training import export_for_inference
+
+    trainer = make_trainer(tmp_path)
+    trainer.fit(*tiny_data(), epochs=1, log=lambda *_: None)
+    arrays, meta = load_npz(tmp_path / "last.npz")
+    key = next(k for k in arrays if k.startswith("param/"))
+    arrays[key] = arrays[key] + np.float32(1e5)  # finite in float32, infinite in float16
+    save_npz(tmp_path / "big.npz", arrays, meta)
+    with pytest.raises(CheckpointError, match=rf"{key} holds values up to 1e\+05, beyond float16's largest 6\.55e\+04"):
+        export_for_inference(tmp_path / "big.npz", tmp_path / "out.npz", dtype=np.float16)
+    assert not (tmp_path / "out.npz").exists()
+    export_for_inference(tmp_path / "big.npz", tmp_path / "out.npz")  # float32 holds them
+    with pytest.raises(ValueError, match="must be a floating-point type, got int8"):
+        export_for_inference(tmp_path / "big.npz", tmp_path / "out.npz", dtype=np.int8)
 
 
 class InterruptAt:

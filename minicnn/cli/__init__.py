@@ -5,6 +5,7 @@
     minicnn predict face.jpg photos/                # image files and folders, any size or colour
     minicnn precise-bn --checkpoint runs/fer2013/best.npz --out runs/fer2013/best_pbn.npz
     minicnn bench                                   # a training step, minicnn vs PyTorch (if installed)
+    minicnn export runs/fer2013/best.npz model.npz --dtype float16   # for inference: a sixth of the size
     minicnn cache                                   # where decoded FER-2013 arrays are cached; --clear
     python -m minicnn ...                           # the same
 
@@ -27,6 +28,7 @@ COMMANDS = {
     "predict": ("minicnn.cli.predict", "predict the expression of face images or folders of them"),
     "precise-bn": ("minicnn.cli.precise_bn", "recalibrate BatchNorm statistics on clean training images"),
     "bench": ("minicnn.cli.bench", "training-step throughput, minicnn vs PyTorch in the same run"),
+    "export": ("minicnn.cli.export", "a checkpoint as a file for inference: no optimiser state, float16 on request"),
     "cache": ("minicnn.cli.cache", "show or clear the cache of decoded FER-2013 arrays"),
 }
 
