@@ -240,7 +240,8 @@ def export_for_inference(src, dst, dtype=np.float32):
         if key.startswith("optim/"):
             continue
         if value.dtype.kind == "f" and key.startswith(("param/", "buffer/")):
-            cast = value.astype(dtype)
+            with np.errstate(over="ignore"):  # an overflow is reported below, naming the array
+                cast = value.astype(dtype)
             if not np.isfinite(cast).all() and np.isfinite(value).all():
                 raise CheckpointError(f"{src}: {key} holds values up to {float(np.abs(value).max()):.4g}, beyond "
                                       f"{dtype}'s largest {float(np.finfo(dtype).max):.4g}; export it as float32")
