@@ -51,7 +51,7 @@ from .losses import SoftmaxCrossEntropy
 from .optim import clip_grad_norm
 
 __all__ = ["Trainer", "TrainingDiverged", "save_checkpoint", "load_checkpoint", "export_for_inference",
-           "CHECKPOINT_FORMAT"]
+           "inference_arrays", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "minicnn.checkpoint/1"
 
@@ -229,12 +229,17 @@ def export_for_inference(src, dst, dtype=np.float32):
     infinity. The result still loads with :func:`load_checkpoint`, but cannot
     resume training.
     """
+    arrays, meta = load_npz(src)
+    return save_npz(dst, *inference_arrays(arrays, meta, dtype, source=src))
+
+
+def inference_arrays(arrays: dict, meta: dict, dtype=np.float32, source="checkpoint") -> tuple[dict, dict]:
+    """The ``(arrays, meta)`` :func:`export_for_inference` writes, from a loaded checkpoint (``source`` names it)."""
     dtype = np.dtype(dtype)
     if dtype.kind != "f":
         raise ValueError(f"export_for_inference: dtype must be a floating-point type, got {dtype}")
-    arrays, meta = load_npz(src)
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{src}: not a minicnn training checkpoint (format {meta.get('format')!r})")
+        raise CheckpointError(f"{source}: not a minicnn training checkpoint (format {meta.get('format')!r})")
     kept = {}
     for key, value in arrays.items():
         if key.startswith("optim/"):
@@ -243,12 +248,11 @@ def export_for_inference(src, dst, dtype=np.float32):
             with np.errstate(over="ignore"):  # an overflow is reported below, naming the array
                 cast = value.astype(dtype)
             if not np.isfinite(cast).all() and np.isfinite(value).all():
-                raise CheckpointError(f"{src}: {key} holds values up to {float(np.abs(value).max()):.4g}, beyond "
+                raise CheckpointError(f"{source}: {key} holds values up to {float(np.abs(value).max()):.4g}, beyond "
                                       f"{dtype}'s largest {float(np.finfo(dtype).max):.4g}; export it as float32")
             value = cast
         kept[key] = value
-    meta = dict(meta, exported_from=str(src), schedule=None, optimizer=None, exported_dtype=str(dtype))
-    return save_npz(dst, kept, meta)
+    return kept, dict(meta, exported_from=str(source), schedule=None, optimizer=None, exported_dtype=str(dtype))
 
 
 class Trainer:

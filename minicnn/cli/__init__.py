@@ -5,7 +5,7 @@
     minicnn predict face.jpg photos/                # image files and folders, any size or colour
     minicnn precise-bn --checkpoint runs/fer2013/best.npz --out runs/fer2013/best_pbn.npz
     minicnn bench                                   # a training step, minicnn vs PyTorch (if installed)
-    minicnn export runs/fer2013/best.npz model.npz --dtype float16   # for inference: a sixth of the size
+    minicnn export runs/fer2013/best.npz model.npz --dtype float16   # for inference: an Adam checkpoint shrinks 6x
     minicnn cache                                   # where decoded FER-2013 arrays are cached; --clear
     python -m minicnn ...                           # the same
 

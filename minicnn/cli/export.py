@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from minicnn.checkpoint import CheckpointError, load_npz
-from minicnn.training import export_for_inference
+from minicnn.checkpoint import CheckpointError, load_npz, save_npz
+from minicnn.training import inference_arrays
 
 
 def parse_args(argv=None):
@@ -45,9 +45,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        source, _ = load_npz(args.checkpoint)
-        out = export_for_inference(args.checkpoint, args.out, dtype=np.dtype(args.dtype))
-        exported, meta = load_npz(out)
+        source, source_meta = load_npz(args.checkpoint)
+        exported, meta = inference_arrays(source, source_meta, args.dtype, source=args.checkpoint)
+        out = save_npz(args.out, exported, meta)  # = export_for_inference, reading the checkpoint once
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
