@@ -3,9 +3,10 @@
 
     python benchmarks/fer_subset.py ../shared/data/fer2013 data/fer2013_subset --fraction 0.25   # a folder
     python benchmarks/fer_subset.py ../shared/data/fer2013 data/fer2013.tar.xz --fraction 1      # all, packed
+    python benchmarks/fer_subset.py ../shared/data/fer2013 data/fer2013_train.tar.xz --fraction 1 --test-fraction 0
 
 Keeps every class's first ``fraction`` of train/<class>/*.jpg (sorted by name) and all of
-test/ (or ``--test-fraction``). A destination ending in ``.tar.xz`` is written as one
+test/ (or ``--test-fraction``; ``0`` packs Training only). A destination ending in ``.tar.xz`` is written as one
 xz-compressed tar archive instead of a folder: the files inside are byte-identical to the
 originals, but the JPEG headers that every 48x48 file repeats (about a third of its bytes)
 compress away across files, so all of FER-2013 (48.5 MiB of JPEGs) packs into 37.3 MiB. The
@@ -28,10 +29,13 @@ SPLITS = ("train", "test")
 
 def select(src: Path, fraction: float, test_fraction: float) -> list[tuple[Path, str]]:
     """``(file, relative path)`` of the kept images: the first ``fraction`` of each class, by name."""
-    if not 0.0 < fraction <= 1.0 or not 0.0 < test_fraction <= 1.0:
-        raise SystemExit(f"fer_subset: fractions must lie in (0, 1], got {fraction} and {test_fraction}")
+    if not 0.0 < fraction <= 1.0 or not 0.0 <= test_fraction <= 1.0:
+        raise SystemExit(f"fer_subset: --fraction must lie in (0, 1] and --test-fraction in [0, 1], "
+                         f"got {fraction} and {test_fraction}")
     kept = []
     for split, share in zip(SPLITS, (fraction, test_fraction)):
+        if share == 0:  # --test-fraction 0: Training only
+            continue
         if not (src / split).is_dir():
             raise SystemExit(f"fer_subset: {src / split} is not a folder; expected FER-2013 as "
                              "train/<class>/*.jpg and test/<class>/*.jpg")
@@ -71,7 +75,9 @@ def main(argv=None):
     p.add_argument("src", type=Path, help="FER-2013 folder with train/ and test/")
     p.add_argument("dst", type=Path, help="a new folder, or a file ending in .tar.xz")
     p.add_argument("--fraction", type=float, default=0.25, help="of each training class")
-    p.add_argument("--test-fraction", type=float, default=1.0, help="of each test class")
+    p.add_argument("--test-fraction", type=float, default=1.0,
+                   help="of each test class; 0 leaves test/ out (a GPU training run that reports PublicTest later, "
+                        "on this machine)")
     args = p.parse_args(argv)
     kept = select(args.src, args.fraction, args.test_fraction)
     nbytes = sum(path.stat().st_size for path, _ in kept)

@@ -33,6 +33,7 @@ one per input, within the network's outputs) before training starts.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import inspect
 import io
@@ -516,15 +517,20 @@ class Trainer:
                 improved = has_val and row["val_acc"] > best
                 if improved:
                     best, best_epoch = row["val_acc"], self.epoch
-                self._save("last.npz")
-                self.saved_epoch = self.epoch
-                if improved:
-                    self._save("best.npz")
-                    self.best_saved_epoch = self.epoch
-                self._write_history()
-                log(f"epoch {self.epoch}/{epochs}: train loss {train_loss:.4f} acc {train_acc:.4f}"
-                    + (f" | val loss {val_loss:.4f} acc {val_acc:.4f}{' *' if improved else ''}" if has_val else "")
-                    + f" | lr {lr:.3g} | {seconds:.1f}s, {row['img_per_s']:.0f} img/s")
+                # An epoch's files are written together: a Ctrl-C or SIGTERM that arrives meanwhile is held
+                # until they are all written, so last.npz, best.npz and history.* never disagree (an interrupt
+                # between last.npz and best.npz would otherwise lose the best epoch's weights for good).
+                with _interrupts_deferred():
+                    self._save("last.npz")
+                    self.saved_epoch = self.epoch
+                    if improved:
+                        self._save("best.npz")
+                        self.best_saved_epoch = self.epoch
+                    self._write_history()
+                    log(f"epoch {self.epoch}/{epochs}: train loss {train_loss:.4f} acc {train_acc:.4f}"
+                        + (f" | val loss {val_loss:.4f} acc {val_acc:.4f}{' *' if improved else ''}" if has_val
+                           else "")
+                        + f" | lr {lr:.3g} | {seconds:.1f}s, {row['img_per_s']:.0f} img/s")
                 if self.early_stopping and has_val:
                     since_best = self.epoch - best_epoch
                     if since_best >= self.early_stopping:
@@ -585,6 +591,32 @@ def _catch_sigterm():
     if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
         return None
     return signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold SIGINT and SIGTERM while the block runs; raise KeyboardInterrupt after it if one came.
+
+    Only in the main thread (where Python runs signal handlers). An exception
+    of the block's own goes on unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        # None: a handler not installed from Python, which cannot be put back; SIG_IGN: nothing to hold
+        if handler is not None and handler is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        raise KeyboardInterrupt(f"signal {received[0]} (held until the epoch's files were written)")
 
 
 def _restore_sigterm(previous):

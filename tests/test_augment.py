@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minicnn.data import Augmenter
-from minicnn.data.augment import affine_warp, integer_shift
+from minicnn.data.augment import affine_warp, erase_rectangles, integer_shift
 
 BACKENDS = ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)]
 
@@ -193,3 +193,121 @@ def test_argument_validation():
         Augmenter(rotation=-5)
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         Augmenter(flip=True, seed=0)(np.zeros((3, 8, 8), np.float32))
+
+
+# -- random erasing ----------------------------------------------------------------------------
+ERASED = 7.0  # outside the range of the test batches' values, so erased pixels can be told apart
+
+
+def erased_boxes(out):
+    """For each image of ``out`` (N, C, H, W): the (top, left, height, width) of its pixels equal to
+    ERASED, after checking they form one axis-aligned rectangle, the same on every channel; or None."""
+    boxes = []
+    for image in out:
+        hit = image == ERASED
+        assert (hit == hit[0]).all(), "the rectangle differs between channels"
+        rows, cols = np.nonzero(hit[0])
+        if rows.size == 0:
+            boxes.append(None)
+            continue
+        top, left = rows.min(), cols.min()
+        height, width = rows.max() - top + 1, cols.max() - left + 1
+        assert hit[0].sum() == height * width, "the erased pixels are not one filled rectangle"
+        boxes.append((top, left, height, width))
+    return boxes
+
+
+def test_erase_rectangles_matches_a_loop(xp):
+    x = batch(xp, n=4, c=2, h=7, w=9, seed=3)
+    boxes = np.array([[0, 0, 7, 9], [2, 3, 1, 1], [6, 8, 1, 1], [1, 2, 4, 5]])
+    mask = np.array([True, True, True, False])
+    out = host(erase_rectangles(x, xp.asarray(boxes), xp.asarray(mask), ERASED))
+    expected = host(x).copy()
+    for k, (top, left, height, width) in enumerate(boxes):
+        if mask[k]:
+            expected[k, :, top : top + height, left : left + width] = ERASED
+    np.testing.assert_array_equal(out, expected)
+    assert out.dtype == np.float32
+
+
+def test_erasing_with_fixed_scale_and_ratio_cuts_that_rectangle(xp):
+    # area 1/4 of 48x48 at ratio 1: a 24x24 square, anywhere it fits
+    x = batch(xp, n=64, h=48, w=48, seed=1)
+    aug = Augmenter(flip=False, erase_prob=1.0, erase_scale=(0.25, 0.25), erase_ratio=(1.0, 1.0),
+                    erase_value=ERASED, seed=0)
+    out = host(aug(x))
+    boxes = erased_boxes(out)
+    assert all(b is not None and b[2:] == (24, 24) for b in boxes)
+    tops = {b[0] for b in boxes}
+    assert min(tops) >= 0 and max(tops) <= 24 and len(tops) > 10  # uniform over the 25 places it fits
+    kept = out != ERASED
+    np.testing.assert_array_equal(out[kept], host(x)[kept])
+
+
+def test_erasing_draws_area_and_ratio_from_their_ranges(xp):
+    x = batch(xp, n=400, h=48, w=48, seed=2)
+    out = host(Augmenter(flip=False, erase_prob=1.0, erase_value=ERASED, seed=5)(x))
+    boxes = erased_boxes(out)
+    areas = np.array([b[2] * b[3] for b in boxes]) / (48 * 48)
+    ratios = np.array([b[2] / b[3] for b in boxes])
+    # rounding each side to whole pixels moves the area a little past the (0.02, 0.33) range, clipping below it
+    assert areas.min() >= 0.015 and areas.max() <= 0.36
+    assert abs(np.median(areas) - (0.02 + 0.33) / 2) < 0.04  # uniform in area
+    assert ratios.min() >= 0.25 and ratios.max() <= 3.6
+    assert abs(np.median(np.log(ratios))) < 0.2  # log-uniform over (0.3, 3.3): median ratio near 1
+    assert (ratios > 1.5).sum() > 50 and (ratios < 1 / 1.5).sum() > 50  # tall and wide ones both
+
+
+def test_erase_prob_is_the_fraction_of_erased_images(xp):
+    x = batch(xp, n=1000, h=8, w=8, seed=4)
+    out = host(Augmenter(flip=False, erase_prob=0.3, erase_value=ERASED, seed=1)(x))
+    erased = sum(b is not None for b in erased_boxes(out))
+    assert 230 <= erased <= 370  # binomial(1000, 0.3): mean 300, sd 14.5
+    none = host(Augmenter(flip=False, erase_prob=0.0, crop_padding=1, seed=1)(x))
+    assert not (none == ERASED).any()
+
+
+def test_erasing_comes_last_and_leaves_the_other_draws_alone(xp):
+    x = batch(xp, n=12, h=16, w=16, seed=6)
+    plain = host(Augmenter(**FULL, seed=9)(x))
+    erased = host(Augmenter(**FULL, erase_prob=1.0, erase_value=ERASED, seed=9)(x))
+    kept = erased != ERASED
+    assert (~kept).any()
+    np.testing.assert_array_equal(erased[kept], plain[kept])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(1, 5),
+    c=st.integers(1, 3),
+    h=st.integers(1, 12),
+    w=st.integers(1, 12),
+    scale=st.tuples(st.floats(0.01, 1.0), st.floats(0.01, 1.0)).map(sorted),
+    ratio=st.tuples(st.floats(0.1, 10.0), st.floats(0.1, 10.0)).map(sorted),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_erasing_any_shape_gives_one_rectangle_inside_the_image(n, c, h, w, scale, ratio, seed):
+    x = np.random.RandomState(seed).uniform(-1, 1, (n, c, h, w)).astype(np.float32)
+    out = Augmenter(flip=False, erase_prob=1.0, erase_scale=scale, erase_ratio=ratio, erase_value=ERASED,
+                    seed=seed)(x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    for box in erased_boxes(out):
+        assert box is not None  # at least one pixel: the sides are clipped to [1, H] and [1, W]
+        top, left, height, width = box
+        assert 0 <= top and top + height <= h and 0 <= left and left + width <= w
+
+
+def test_erasing_argument_validation():
+    with pytest.raises(ValueError, match="erase_prob"):
+        Augmenter(erase_prob=1.5)
+    with pytest.raises(ValueError, match="erase_scale"):
+        Augmenter(erase_scale=(0.0, 0.3))
+    with pytest.raises(ValueError, match="erase_scale"):
+        Augmenter(erase_scale=(0.2, 1.5))
+    with pytest.raises(ValueError, match="erase_scale"):
+        Augmenter(erase_scale=(0.3, 0.2))
+    with pytest.raises(ValueError, match="erase_ratio"):
+        Augmenter(erase_ratio=(0.0, 2.0))
+    with pytest.raises(ValueError, match="erase_value"):
+        Augmenter(erase_value=float("nan"))
+    assert Augmenter(flip=False, erase_prob=0.5).active

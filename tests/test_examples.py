@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import minicnn
-from minicnn.data import CLASS_NAMES, Normalizer, load_fer2013
+from minicnn.data import CLASS_NAMES, Augmenter, Normalizer, load_fer2013
 from minicnn.inference import predict_proba, predict_tta, tta_views
 from minicnn.models import build_model
 from minicnn.checkpoint import load_npz, save_npz
@@ -584,9 +584,21 @@ def test_train_augmentation_presets_and_overrides():
     from minicnn.cli import train  # noqa: PLC0415
 
     hw3 = train.augmentation_settings(train.parse_args([]))
-    assert hw3 == {"flip": True, "rotation": 30.0, "shift": 0.1, "zoom": (0.8, 1.2), "crop_padding": 0}
+    assert hw3 == {"flip": True, "rotation": 30.0, "shift": 0.1, "zoom": (0.8, 1.2), "crop_padding": 0,
+                   "erase_prob": 0.0}
     crop = train.augmentation_settings(train.parse_args(["--augment", "crop", "--rotation", "0", "--zoom", "0.9", "1.1"]))
-    assert crop == {"flip": True, "rotation": 0.0, "shift": 0.0, "zoom": (0.9, 1.1), "crop_padding": 4}
+    assert crop == {"flip": True, "rotation": 0.0, "shift": 0.0, "zoom": (0.9, 1.1), "crop_padding": 4,
+                    "erase_prob": 0.0}
+    vgg = train.augmentation_settings(train.parse_args(["--augment", "khaireddin", "--erase-prob", "0.25"]))
+    assert vgg == {"flip": True, "rotation": 10.0, "shift": 0.2, "zoom": (0.8, 1.2), "crop_padding": 0,
+                   "erase_prob": 0.25}
+    assert train.augmentation_settings(train.parse_args(["--augment", "khaireddin"]))["erase_prob"] == 0.5
+    # every preset is a valid Augmenter, and --erase-prob alone switches augmentation on
+    for name in train.AUGMENT_PRESETS:
+        Augmenter(**train.augmentation_settings(train.parse_args(["--augment", name])))
+    assert Augmenter(**train.augmentation_settings(train.parse_args(["--no-augment", "--erase-prob", "1"]))).active
+    with pytest.raises(SystemExit):
+        train.parse_args(["--erase-prob", "1.5"])
     off = train.augmentation_settings(train.parse_args(["--no-augment"]))
     assert not any(v for k, v in off.items() if k != "zoom") and off["zoom"] == (1.0, 1.0)
 

@@ -74,5 +74,14 @@ def test_a_folder_that_is_not_fer2013_is_refused_by_name(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(SystemExit, match=r"test is not a folder; expected FER-2013"):
         fer_subset.select(tmp_path, 1.0, 1.0)
-    with pytest.raises(SystemExit, match=r"fractions must lie in \(0, 1\], got 0.0"):
+    with pytest.raises(SystemExit, match=r"--fraction must lie in \(0, 1\] and --test-fraction in \[0, 1\], got 0.0"):
         fer_subset.select(tmp_path, 0.0, 1.0)
+    with pytest.raises(SystemExit, match=r"got 1.0 and 1.5"):
+        fer_subset.select(tmp_path, 1.0, 1.5)
+
+
+def test_test_fraction_zero_keeps_training_only_and_needs_no_test_folder(tmp_path):
+    _fake_fer(tmp_path / "src", {"train": {"angry": 3, "happy": 2}})
+    kept = [rel for _, rel in fer_subset.select(tmp_path / "src", 1.0, 0.0)]
+    assert kept == ["train/angry/im000.jpg", "train/angry/im001.jpg", "train/angry/im002.jpg",
+                    "train/happy/im000.jpg", "train/happy/im001.jpg"]

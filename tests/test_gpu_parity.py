@@ -204,7 +204,7 @@ def _epoch_ledger(fake_cupy, steps, log_every):
     n = 8 * steps
     x = fake_cupy.asarray(rng.standard_normal((n, 1, 48, 48)).astype(np.float32))
     y = fake_cupy.asarray(rng.integers(0, 7, n))
-    augmenter = Augmenter(flip=True, rotation=30, shift=0.1, zoom=(0.8, 1.2), crop_padding=3, seed=0)
+    augmenter = Augmenter(flip=True, rotation=30, shift=0.1, zoom=(0.8, 1.2), crop_padding=3, erase_prob=0.5, seed=0)
     trainer = Trainer(model, Adam(model), augmenter=augmenter, batch_size=8, progress=False, log_every=log_every,
                       clip_norm=5.0)
     with fake_cupy.counting() as ledger:
@@ -216,7 +216,7 @@ def _epoch_ledger(fake_cupy, steps, log_every):
 def test_a_training_epoch_syncs_only_when_it_logs_and_at_its_end(fake_cupy, steps, log_every):
     """No host sync and no host-device copy per step: the running loss is read every log_every steps,
     loss and accuracy once more at the end of the epoch, and one read-back says whether every weight and
-    running statistic is finite; the shuffle, augmentation (crop included), forward, backward, clipping
+    running statistic is finite; the shuffle, augmentation (crop and erasing included), forward, backward, clipping
     and Adam stay on the device. Before the epoch, fit checks the labels once on the host."""
     ledger = _epoch_ledger(fake_cupy, steps, log_every)
     logs = sum(1 for s in range(steps) if (s + 1) % log_every == 0 or s + 1 == steps)

@@ -251,6 +251,34 @@ def test_interrupt_between_an_epoch_and_its_save_names_the_epoch_the_file_holds(
     assert load_npz(tmp_path / "last.npz")[1]["epoch"] == 1
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_an_epoch_is_saved_is_held_until_its_files_agree(tmp_path, monkeypatch, signum):
+    """A signal between last.npz and best.npz used to stop the save: best.npz then kept an older epoch for good
+    (the history, which a resumed run trusts, already named the new one). Now all of the epoch is written."""
+    x, y = tiny_data()
+    xv, yv = tiny_data(32, seed=1)
+    trainer = make_trainer(tmp_path)
+    real_save = Trainer._save
+
+    def save(self, name):
+        path = real_save(self, name)
+        if self.epoch == 1 and name == "last.npz":
+            os.kill(os.getpid(), signum)  # arrives before best.npz and the history are written
+        return path
+
+    monkeypatch.setattr(Trainer, "_save", save)
+    messages = []
+    trainer.fit(x, y, xv, yv, epochs=3, log=messages.append)
+    assert trainer.interrupted and trainer.epoch == 1
+    assert any(m.startswith("epoch 1/3") for m in messages)  # the epoch's line was still printed
+    assert "holds the state after epoch 1" in messages[-1]
+    assert load_npz(tmp_path / "last.npz")[1]["epoch"] == 1
+    assert load_npz(tmp_path / "best.npz")[1]["epoch"] == 1  # epoch 1 is the first, so the best
+    assert [row["epoch"] for row in json.loads((tmp_path / "history.json").read_text())] == [1]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def test_orphaned_temporary_files_are_removed_at_the_next_start(tmp_path):
     tmp_path.mkdir(exist_ok=True)
     orphans = [tmp_path / ".last.npz.k1l2.tmp", tmp_path / ".history.json.zz.tmp"]

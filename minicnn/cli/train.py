@@ -78,13 +78,16 @@ class RunError(Exception):
     """A run that cannot start as asked (the message says why and what to do); exit code 2."""
 
 
-# The reports' augmentations; train.py's default is HW3's.
+# The reports' augmentations, "crop" (ours, for dlcv_cnn) and Khaireddin & Chen's (2021) VGG recipe, which
+# vgg_fer and vgg_fer_slim follow; train.py's default is HW3's.
 AUGMENT_PRESETS = {
-    "hw3": {"flip": True, "rotation": 30.0, "shift": 0.1, "zoom": (0.8, 1.2), "crop_padding": 0},
-    "ece662": {"flip": True, "rotation": 10.0, "shift": 0.1, "zoom": (1.0, 1.0), "crop_padding": 0},
-    "trd": {"flip": True, "rotation": 30.0, "shift": 0.0, "zoom": (1.0, 1.0), "crop_padding": 0},
-    "crop": {"flip": True, "rotation": 10.0, "shift": 0.0, "zoom": (1.0, 1.0), "crop_padding": 4},
-    "none": {"flip": False, "rotation": 0.0, "shift": 0.0, "zoom": (1.0, 1.0), "crop_padding": 0},
+    "hw3": {"flip": True, "rotation": 30.0, "shift": 0.1, "zoom": (0.8, 1.2), "crop_padding": 0, "erase_prob": 0.0},
+    "ece662": {"flip": True, "rotation": 10.0, "shift": 0.1, "zoom": (1.0, 1.0), "crop_padding": 0, "erase_prob": 0.0},
+    "trd": {"flip": True, "rotation": 30.0, "shift": 0.0, "zoom": (1.0, 1.0), "crop_padding": 0, "erase_prob": 0.0},
+    "crop": {"flip": True, "rotation": 10.0, "shift": 0.0, "zoom": (1.0, 1.0), "crop_padding": 4, "erase_prob": 0.0},
+    "khaireddin": {"flip": True, "rotation": 10.0, "shift": 0.2, "zoom": (0.8, 1.2), "crop_padding": 0,
+                   "erase_prob": 0.5},
+    "none": {"flip": False, "rotation": 0.0, "shift": 0.0, "zoom": (1.0, 1.0), "crop_padding": 0, "erase_prob": 0.0},
 }
 
 
@@ -175,6 +178,9 @@ def build_parser():
                    metavar=("LO", "HI"), help="zoom range, 0 < LO <= HI")
     p.add_argument("--crop-padding", type=_number(int, lo=0, hi=23), default=None,
                    help="random crop after padding by this many pixels (0-23)")
+    p.add_argument("--erase-prob", type=_number(float, lo=0, hi=1), default=None,
+                   help="random erasing: probability per image of blanking one rectangle of 2-33 %% of its area "
+                        "(to the mean pixel), in [0, 1]")
     p.add_argument("--classes", type=int, choices=[6, 7], default=7, help="6 merges disgust into angry")
     p.add_argument("--undersample", type=_undersample, default=None, metavar="CLASS:KEEP",
                    help="keep only KEEP images (or a fraction) of CLASS, e.g. happy:4215 cuts 3,000 of 7,215")

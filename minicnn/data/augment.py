@@ -1,11 +1,11 @@
 """Batched, seeded data augmentation that runs unchanged on NumPy or CuPy.
 
 :class:`Augmenter` applies a random horizontal flip, rotation, zoom and shift
-(one affine warp with bilinear sampling) and a random crop with padding to a
-whole batch ``(N, C, H, W)`` at once. Every random parameter is drawn per
-image from the augmenter's own ``RandomState`` on the batch's backend; the
-warp and the crop are array ops with fancy indexing, with no Python loop over
-images or pixels.
+(one affine warp with bilinear sampling), a random crop with padding and
+random erasing to a whole batch ``(N, C, H, W)`` at once. Every random
+parameter is drawn per image from the augmenter's own ``RandomState`` on the
+batch's backend; the warp, the crop and the erasing are array ops (fancy
+indexing, broadcast masks), with no Python loop over images or pixels.
 
 Conventions:
 
@@ -21,15 +21,27 @@ Conventions:
   independently for rows and columns.
 * ``crop_padding=p`` is integer-pixel: pad by ``p`` on each side, then cut a
   random ``H x W`` window, i.e. shift by an integer in ``[-p, p]`` per axis.
+* Random erasing (Zhong et al. 2017, "Random Erasing Data Augmentation")
+  comes last: with probability ``erase_prob`` an image gets one axis-aligned
+  rectangle set to ``erase_value`` on every channel. The rectangle's area is
+  a fraction ``s ~ U(erase_scale)`` of the image and its aspect ratio
+  ``r = h / w`` is log-uniform in ``erase_ratio``, so ``h = round(sqrt(s H W
+  r))`` and ``w = round(sqrt(s H W / r))``, each clipped to ``[1, H]`` /
+  ``[1, W]`` (torchvision's ``RandomErasing`` redraws up to 10 times and
+  then skips the image instead; clipping keeps the batch loop-free). Its
+  position is uniform over the places where it fits. The defaults are
+  torchvision's (``scale=(0.02, 0.33)``, ``ratio=(0.3, 3.3)``, ``value=0``):
+  minicnn normalises before augmenting, so ``0`` is the mean pixel.
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 from .. import kernels
 from ..backend import get_array_module, get_seed
 
-__all__ = ["Augmenter", "affine_warp", "integer_shift"]
+__all__ = ["Augmenter", "affine_warp", "integer_shift", "erase_rectangles"]
 
 
 class Augmenter:
@@ -47,6 +59,12 @@ class Augmenter:
         seed: seed of the augmenter's random stream; ``None`` takes the
             library seed (:func:`minicnn.backend.seed`) at first use.
         flip_prob: probability of flipping an image when ``flip`` is on.
+        erase_prob: probability of random erasing per image (``0``: off).
+        erase_scale: ``(lo, hi)`` range of the erased area as a fraction of
+            the image, ``0 < lo <= hi <= 1``.
+        erase_ratio: ``(lo, hi)`` range of the erased rectangle's aspect
+            ratio height / width, ``0 < lo <= hi``, drawn log-uniformly.
+        erase_value: the value written into the rectangle.
 
     ``aug(x, training=True)`` returns a new augmented array of the same shape
     and dtype on the same backend; with ``training=False`` or every option
@@ -65,6 +83,10 @@ class Augmenter:
         crop_padding: int = 0,
         seed: int | None = None,
         flip_prob: float = 0.5,
+        erase_prob: float = 0.0,
+        erase_scale=(0.02, 0.33),
+        erase_ratio=(0.3, 3.3),
+        erase_value: float = 0.0,
     ):
         self.flip = bool(flip)
         if not 0.0 <= flip_prob <= 1.0:
@@ -84,6 +106,18 @@ class Augmenter:
         if not isinstance(crop_padding, numbers.Integral) or crop_padding < 0:
             raise ValueError(f"crop_padding must be a non-negative int (pixels), got {crop_padding!r}")
         self.crop_padding = int(crop_padding)
+        if not 0.0 <= erase_prob <= 1.0:
+            raise ValueError(f"erase_prob must lie in [0, 1], got {erase_prob}")
+        self.erase_prob = float(erase_prob)
+        self.erase_scale = _pair(erase_scale, "erase_scale")
+        if not 0.0 < self.erase_scale[0] <= self.erase_scale[1] <= 1.0:
+            raise ValueError(f"erase_scale is a fraction of the image area: need 0 < lo <= hi <= 1, got {erase_scale}")
+        self.erase_ratio = _pair(erase_ratio, "erase_ratio")
+        if self.erase_ratio[0] <= 0:
+            raise ValueError(f"erase_ratio (height / width) must be > 0, got {erase_ratio}")
+        if not isinstance(erase_value, numbers.Real) or not math.isfinite(erase_value):
+            raise ValueError(f"erase_value must be a finite number, got {erase_value!r}")
+        self.erase_value = float(erase_value)
         self.seed = seed
         self._rngs: dict = {}
 
@@ -113,7 +147,7 @@ class Augmenter:
     @property
     def active(self) -> bool:
         """True when at least one augmentation is switched on."""
-        return self._warp_on or self._flip_on or self.crop_padding > 0
+        return self._warp_on or self._flip_on or self.crop_padding > 0 or self.erase_prob > 0
 
     # -- the transform -----------------------------------------------------
 
@@ -144,12 +178,27 @@ class Augmenter:
             # range that is not a power of two samples by rejection and reads a count back to the host.
             offsets = (rng.random_sample((n, 2)) * (2 * p + 1)).astype(xp.int64) - p
             x = integer_shift(x, offsets)
+        if self.erase_prob > 0:
+            # Drawn after the crop's numbers, so turning erasing on leaves the other draws of a seed unchanged.
+            erase = rng.random_sample(n) < self.erase_prob
+            area = rng.uniform(self.erase_scale[0], self.erase_scale[1], size=n) * (h * w)
+            log_lo, log_hi = math.log(self.erase_ratio[0]), math.log(self.erase_ratio[1])
+            ratio = xp.exp(rng.uniform(log_lo, log_hi, size=n))
+            heights = xp.clip(xp.floor(xp.sqrt(area * ratio) + 0.5), 1, h).astype(xp.int64)
+            widths = xp.clip(xp.floor(xp.sqrt(area / ratio) + 0.5), 1, w).astype(xp.int64)
+            # floor(U * (room + 1)): uniform over the room + 1 positions where the rectangle fits (see crop)
+            tops = (rng.random_sample(n) * (h - heights + 1)).astype(xp.int64)
+            lefts = (rng.random_sample(n) * (w - widths + 1)).astype(xp.int64)
+            boxes = xp.stack([tops, lefts, heights, widths], axis=1)
+            x = erase_rectangles(x, boxes, erase, self.erase_value)
         return x
 
     def __repr__(self) -> str:
         return (
             f"Augmenter(flip={self.flip}, rotation={self.rotation}, shift={self.shift}, zoom={self.zoom}, "
-            f"crop_padding={self.crop_padding}, seed={self.seed}, flip_prob={self.flip_prob})"
+            f"crop_padding={self.crop_padding}, erase_prob={self.erase_prob}, erase_scale={self.erase_scale}, "
+            f"erase_ratio={self.erase_ratio}, erase_value={self.erase_value}, seed={self.seed}, "
+            f"flip_prob={self.flip_prob})"
         )
 
 
@@ -242,3 +291,23 @@ def integer_shift(x, offsets):
     ni = xp.arange(n)[:, None, None, None]
     ci = xp.arange(c)[None, :, None, None]
     return x[ni, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def erase_rectangles(x, boxes, mask, value=0.0):
+    """Set one rectangle of each selected image of ``x (N, C, H, W)`` to ``value``, on every channel.
+
+    ``boxes`` is ``(N, 4)`` ints ``(top, left, height, width)``; image ``k``
+    keeps its pixels unless ``mask[k]``, else pixels ``top <= i < top +
+    height`` and ``left <= j < left + width`` become ``value``. Returns a new
+    array of ``x``'s dtype; the rest of every image is copied unchanged.
+    """
+    xp = get_array_module(x)
+    _, _, h, w = x.shape
+    boxes = xp.asarray(boxes)
+    rows = xp.arange(h)[None, :]
+    cols = xp.arange(w)[None, :]
+    in_rows = (rows >= boxes[:, 0:1]) & (rows < boxes[:, 0:1] + boxes[:, 2:3])  # (N, H)
+    in_cols = (cols >= boxes[:, 1:2]) & (cols < boxes[:, 1:2] + boxes[:, 3:4])  # (N, W)
+    inside = xp.asarray(mask)[:, None, None] & in_rows[:, :, None] & in_cols[:, None, :]  # (N, H, W)
+    # a NumPy scalar of x's dtype: no host-to-device copy, and the result keeps x's dtype
+    return xp.where(inside[:, None], x.dtype.type(value), x).astype(x.dtype, copy=False)

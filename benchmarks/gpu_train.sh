@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Train on the GPU machine for at most SECONDS, resumably: the long runs of issue #15 (vgg_fer_slim for the
+# > 71.2 % goal, ece662_resnet) go on across device sessions of a few minutes each.
+#
+#   FER2013_DATA=data/fer2013_train.tar.xz benchmarks/gpu_train.sh OUT_DIR RUN_DIR SECONDS [train.py arguments]
+#
+# A new run (no RUN_DIR/last.npz) starts with the train.py arguments given; a carried RUN_DIR/last.npz is
+# resumed (--resume: give no arguments then, or --epochs N to lengthen the run). train.py runs with
+# --backend cupy --no-test --no-progress; after SECONDS it gets SIGTERM, keeps its last finished epoch and
+# stops. Then benchmarks/travel.py packs the run into OUT_DIR (last.npz in pieces of at most 15 MiB,
+# best.npz without optimiser state, history.json, travel.json), beside train.log and gpu_train.json
+# (device, versions, exit status, seconds, epochs). At most 7 files, none over 15 MiB.
+#
+# FER2013_DATA: a folder, or a .tar.xz of benchmarks/fer_subset.py (unpacked to a temporary folder).
+# Training only is enough (--test-fraction 0: 33.0 MiB): PublicTest is evaluated on this machine, once,
+# when the run has ended. Back here:
+#   python benchmarks/travel.py unpack FILES_AT RUN_DIR     # and carry RUN_DIR/last.npz to the next session
+# GPU_TRAIN_BACKEND=numpy runs the same script on the CPU (the tests' dry run).
+set -uo pipefail
+OUT="${1:?usage: benchmarks/gpu_train.sh OUT_DIR RUN_DIR SECONDS [train.py arguments]}"
+RUN="${2:?usage: benchmarks/gpu_train.sh OUT_DIR RUN_DIR SECONDS [train.py arguments]}"
+LIMIT="${3:?usage: benchmarks/gpu_train.sh OUT_DIR RUN_DIR SECONDS [train.py arguments]}"
+shift 3
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+mkdir -p "$OUT" "$RUN"
+OUT="$(cd "$OUT" && pwd)"
+RUN="$(cd "$RUN" && pwd)"
+cd "$ROOT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+BACKEND="${GPU_TRAIN_BACKEND:-cupy}"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+DATA="${FER2013_DATA:?set FER2013_DATA to a FER-2013 folder or a .tar.xz of benchmarks/fer_subset.py}"
+if [[ "$DATA" == *.tar.xz ]]; then
+  mkdir -p "$WORK/fer2013" && tar -xJf "$DATA" -C "$WORK/fer2013" || { echo "cannot unpack $DATA" >&2; exit 2; }
+  DATA="$WORK/fer2013"
+fi
+
+if [ -f "$RUN/last.npz" ]; then
+  MODE=resume
+  ARGS=(--resume --out "$RUN" "$@")
+else
+  MODE=new
+  ARGS=(--out "$RUN" "$@")
+fi
+echo "=== $MODE run in $RUN for at most ${LIMIT}s on $BACKEND: train.py ${ARGS[*]}" | tee "$OUT/train.log"
+START=$SECONDS
+timeout --signal=TERM --kill-after=60 "$LIMIT" "$PY" examples/fer2013/train.py --backend "$BACKEND" \
+  --data "$DATA" --no-test --no-progress "${ARGS[@]}" >> "$OUT/train.log" 2>&1
+RC=$?
+ELAPSED=$((SECONDS - START))
+echo "=== train.py: exit status $RC after ${ELAPSED}s (124: stopped at the time limit, after its last epoch)" \
+  | tee -a "$OUT/train.log"
+
+"$PY" benchmarks/travel.py pack "$RUN" "$OUT" 2>&1 | tee -a "$OUT/train.log"
+"$PY" - "$OUT" "$RUN" "$MODE" "$RC" "$ELAPSED" "$LIMIT" "$BACKEND" <<'EOF' | tee -a "$OUT/train.log"
+import json, platform, sys
+from pathlib import Path
+out, run, mode, rc, elapsed, limit, backend = sys.argv[1:]
+info = {"mode": mode, "train_exit_status": int(rc), "seconds": int(elapsed), "limit_seconds": int(limit),
+        "backend": backend, "run_dir": run, "python": platform.python_version()}
+try:
+    import numpy
+    info["numpy"] = numpy.__version__
+    if backend == "cupy":
+        import cupy
+        info["cupy"] = cupy.__version__
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        info["device"] = props["name"].decode()
+        info["driver"] = cupy.cuda.runtime.driverGetVersion()
+        info["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
+except Exception as exc:  # the summary must still be written
+    info["versions_error"] = repr(exc)
+history_path = Path(run) / "history.json"
+if history_path.is_file():
+    history = json.loads(history_path.read_text())
+    rows = history if isinstance(history, list) else history.get("epochs", history.get("history", []))
+    scored = [r for r in rows if isinstance(r, dict) and r.get("val_acc") is not None]
+    info["epochs_done"] = len(rows)
+    if scored:
+        best = max(scored, key=lambda r: r["val_acc"])
+        info["best_epoch"], info["best_val_acc"] = best.get("epoch"), best["val_acc"]
+        info["last_epoch_seconds"] = rows[-1].get("seconds", rows[-1].get("time"))
+(Path(out) / "gpu_train.json").write_text(json.dumps(info, indent=1) + "\n")
+print(json.dumps(info))
+EOF

@@ -1,0 +1,208 @@
+"""benchmarks/travel.py and benchmarks/gpu_train.sh: a run cut to the GPU machine's transfer limits and back.
+
+gpu_train.sh runs here on the NumPy backend (GPU_TRAIN_BACKEND=numpy), on a tiny synthetic FER-2013 folder
+of Training images only, exactly as it would on the device: a new run, its pieces unpacked here, then a
+session that carries last.npz alone and resumes, a session stopped by its time limit, and the PublicTest
+evaluation on this machine of the best.npz that came back.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+ROOT = Path(__file__).resolve().parent.parent
+Image = pytest.importorskip("PIL.Image")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"minicnn_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+travel = _load("travel")
+CLASSES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
+
+
+def write_fer(root: Path, with_test: bool):
+    rng = np.random.default_rng(0)  # the same Training images in both folders
+    for split, n in (("train", 12), ("test", 3)):
+        if split == "test" and not with_test:
+            continue
+        for c, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                img = (rng.random((48, 48)) * 60 + 30 * c).astype(np.uint8)
+                Image.fromarray(img).save(root / split / name / f"{split}_{c}{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    base = tmp_path_factory.mktemp("travel_data")
+    return write_fer(base / "train_only", with_test=False), write_fer(base / "full", with_test=True)
+
+
+def gpu_train(out, run, limit, data_dir, *train_args, cache):
+    env = dict(os.environ, FER2013_DATA=str(data_dir), GPU_TRAIN_BACKEND="numpy", PYTHON=sys.executable,
+               MINICNN_CACHE=str(cache))
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_train.sh"), str(out), str(run), str(limit),
+                           *train_args], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads((out / "gpu_train.json").read_text())
+
+
+def check_fits_the_device(out: Path):
+    files = [p for p in out.iterdir() if p.is_file()]
+    assert len(files) <= 8 and all(p.stat().st_size <= 16 * 2**20 for p in files), files
+
+
+NEW_RUN = ("--model", "hw3_dnn", "--epochs", "2", "--batch-size", "16", "--optimizer", "sgd", "--momentum", "0.9",
+           "--augment", "khaireddin", "--schedule", "cosine")
+
+
+def test_a_run_travels_back_resumes_from_last_npz_alone_and_is_evaluated_here(data, tmp_path, capsys):
+    train_only, full = data
+    cache = tmp_path / "cache"
+    first = gpu_train(tmp_path / "out1", tmp_path / "device1", 600, train_only, *NEW_RUN, cache=cache)
+    assert first["mode"] == "new" and first["train_exit_status"] == 0 and first["epochs_done"] == 2
+    check_fits_the_device(tmp_path / "out1")
+    assert "(124: stopped at the time limit" in (tmp_path / "out1" / "train.log").read_text()
+
+    # Here: join the pieces (small pieces, to prove the joining, are cut by travel.pack directly below).
+    local = tmp_path / "local"
+    assert travel.main(["unpack", str(tmp_path / "out1"), str(local)]) == 0
+    assert (local / "last.npz").read_bytes() == (tmp_path / "device1" / "last.npz").read_bytes()
+    assert "unpacked" in capsys.readouterr().out
+
+    # The next session carries last.npz alone and lengthens the run.
+    device2 = tmp_path / "device2"
+    device2.mkdir()
+    shutil.copyfile(local / "last.npz", device2 / "last.npz")
+    second = gpu_train(tmp_path / "out2", device2, 600, train_only, "--epochs", "3", cache=cache)
+    assert second["mode"] == "resume" and second["epochs_done"] == 3
+    log = (tmp_path / "out2" / "train.log").read_text()
+    assert "resumed from" in log and "after epoch 2" in log
+    travel.unpack(tmp_path / "out2", local)
+    history = json.loads((local / "history.json").read_text())
+    rows = history if isinstance(history, list) else history["epochs"]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert (local / "best.npz").is_file()  # from the first session, or the second if epoch 3 was better
+
+    # PublicTest, on this machine, of the best weights: the same Training images, so the same fingerprint.
+    from minicnn.cli import evaluate  # noqa: PLC0415
+
+    os.environ["MINICNN_CACHE"] = str(cache)
+    try:
+        rc = evaluate.main(["--checkpoint", str(local / "best.npz"), "--data", str(full), "--quiet"])
+    finally:
+        del os.environ["MINICNN_CACHE"]
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert json.loads(out)["num_examples"] == 3 * len(CLASSES)
+
+
+def test_the_time_limit_stops_after_a_finished_epoch_and_the_run_still_packs(data, tmp_path):
+    train_only, _ = data
+    summary = gpu_train(tmp_path / "out", tmp_path / "run", 8, train_only, "--model", "hw3_dnn", "--epochs", "5000",
+                        "--batch-size", "16", cache=tmp_path / "cache")
+    assert summary["train_exit_status"] == 124  # SIGTERM from timeout; train.py stopped cleanly
+    assert "interrupted" in (tmp_path / "out" / "train.log").read_text().lower()
+    check_fits_the_device(tmp_path / "out")
+    local = tmp_path / "local"
+    travel.unpack(tmp_path / "out", local)
+    from minicnn.training import load_checkpoint  # noqa: PLC0415
+
+    _, _, meta = load_checkpoint(local / "last.npz")
+    assert meta["epoch"] == summary.get("epochs_done", 0) < 5000
+
+
+@pytest.fixture
+def packed(tmp_path):
+    """A checkpoint as train.py writes it (one epoch on the tiny data), packed in pieces of 1 MB."""
+    from minicnn.cli import train  # noqa: PLC0415
+
+    data = write_fer(tmp_path / "data", with_test=False)
+    run = tmp_path / "run"
+    os.environ["MINICNN_CACHE"] = str(tmp_path / "cache")
+    try:
+        assert train.main(["--data", str(data), "--out", str(run), "--epochs", "1", "--model", "hw3_dnn",
+                           "--optimizer", "sgd", "--momentum", "0.9", "--no-progress", "--no-test"]) == 0
+    finally:
+        del os.environ["MINICNN_CACHE"]
+    manifest = travel.pack(run, tmp_path / "out", piece_bytes=1_000_000)
+    return run, tmp_path / "out", manifest
+
+
+def test_pack_cuts_pieces_and_unpack_joins_them_exactly(packed, tmp_path):
+    run, out, manifest = packed
+    pieces = manifest["last.npz"]["pieces"]
+    assert len(pieces) == -(-(run / "last.npz").stat().st_size // 1_000_000) > 1
+    assert all(p["bytes"] <= 1_000_000 for p in pieces)
+    from minicnn.training import load_checkpoint  # noqa: PLC0415
+
+    _, best_arrays, _ = load_checkpoint(out / "best.npz")
+    assert not [k for k in best_arrays if k.startswith("optim/")]  # best.npz travels without optimiser state
+    replaced = travel.unpack(out, tmp_path / "local")
+    assert replaced == ["last.npz", "best.npz", "history.json"]
+    assert (tmp_path / "local" / "last.npz").read_bytes() == (run / "last.npz").read_bytes()
+    _, full_best, _ = load_checkpoint(run / "best.npz")
+    for key, value in best_arrays.items():  # float32 export: the weights bit for bit
+        np.testing.assert_array_equal(value, full_best[key])
+
+
+@pytest.mark.parametrize("damage", ["flip", "missing", "truncated"])
+def test_a_damaged_or_missing_piece_is_refused_by_name_and_nothing_is_replaced(packed, tmp_path, damage, capsys):
+    _, out, manifest = packed
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "last.npz").write_bytes(b"the previous session's checkpoint")
+    piece = out / manifest["last.npz"]["pieces"][1]["name"]
+    if damage == "missing":
+        piece.unlink()
+    else:
+        data = bytearray(piece.read_bytes())
+        if damage == "flip":
+            data[10] ^= 0xFF
+        else:
+            data = data[:-1]
+        piece.write_bytes(bytes(data))
+    word = "missing" if damage == "missing" else "damaged"
+    with pytest.raises(travel.TravelError, match=rf"last\.npz\.part01 is {word}"):
+        travel.unpack(out, local)
+    assert (local / "last.npz").read_bytes() == b"the previous session's checkpoint"
+    assert sorted(p.name for p in local.iterdir()) == ["last.npz"]  # no temporary file left behind
+    assert travel.main(["unpack", str(out), str(local)]) == 2
+    assert "travel.py: " in capsys.readouterr().err
+
+
+def test_unpack_without_a_manifest_and_pack_without_a_run_name_the_folder(tmp_path):
+    with pytest.raises(travel.TravelError, match="travel.json does not exist"):
+        travel.unpack(tmp_path, tmp_path / "local")
+    (tmp_path / "travel.json").write_text("[1, 2]")
+    with pytest.raises(travel.TravelError, match="is not a travel manifest"):
+        travel.unpack(tmp_path, tmp_path / "local")
+    with pytest.raises(travel.TravelError, match="last.npz does not exist"):
+        travel.pack(tmp_path / "empty", tmp_path / "out")
+
+
+@settings(max_examples=30, deadline=None)
+@given(payload=st.binary(min_size=0, max_size=2000), piece=st.integers(1, 700))
+def test_split_file_pieces_join_back_to_the_file(tmp_path_factory, payload, piece):
+    folder = tmp_path_factory.mktemp("split")
+    (folder / "blob").write_bytes(payload)
+    pieces = travel.split_file(folder / "blob", folder, piece)
+    assert len(pieces) == max(1, -(-len(payload) // piece))
+    assert all(p["bytes"] <= piece for p in pieces)
+    assert b"".join((folder / p["name"]).read_bytes() for p in pieces) == payload
