@@ -26,7 +26,7 @@ are each classified as
 Kills: training runs of a few epochs are killed (SIGKILL, or SIGTERM as job
 schedulers send) at random moments, then resumed with ``--resume --out``
 only (or restarted, when the kill came before the first checkpoint), up to
-two kills per run; each must finish with ``last.npz`` bit-identical
+two kills per run; each must finish with ``last.npz`` and ``best.npz`` bit-identical
 (weights, BatchNorm statistics, optimiser state, history) to an
 uninterrupted run, leave no temporary file behind, and a SIGTERM must exit
 130 naming the epoch ``last.npz`` holds.
@@ -444,15 +444,21 @@ def run_case(case, env):
 
 
 def final_state(out_dir: Path):
+    """last.npz's arrays, epoch and history (without timings), and best.npz's arrays and epoch."""
     arrays, meta = load_npz(out_dir / "last.npz")
     history = [{k: v for k, v in h.items() if k not in ("seconds", "img_per_s")} for h in meta["history"]]
-    return arrays, meta["epoch"], history
+    best_arrays, best_meta = load_npz(out_dir / "best.npz") if (out_dir / "best.npz").is_file() else ({}, {})
+    return arrays, meta["epoch"], history, best_arrays, best_meta.get("epoch")
+
+
+def _same_arrays(a, b):
+    return set(a) == set(b) and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
 
 
 def same_state(a, b):
-    (arr_a, ep_a, hist_a), (arr_b, ep_b, hist_b) = a, b
-    return ep_a == ep_b and hist_a == hist_b and set(arr_a) == set(arr_b) and all(
-        arr_a[k].dtype == arr_b[k].dtype and np.array_equal(arr_a[k], arr_b[k]) for k in arr_a)
+    (arr_a, ep_a, hist_a, best_a, best_ep_a), (arr_b, ep_b, hist_b, best_b, best_ep_b) = a, b
+    return (ep_a == ep_b and hist_a == hist_b and _same_arrays(arr_a, arr_b)
+            and best_ep_a == best_ep_b and _same_arrays(best_a, best_b))
 
 
 def _epoch_on_disk(out_dir):

@@ -518,14 +518,16 @@ class Trainer:
                 if improved:
                     best, best_epoch = row["val_acc"], self.epoch
                 # An epoch's files are written together: a Ctrl-C or SIGTERM that arrives meanwhile is held
-                # until they are all written, so last.npz, best.npz and history.* never disagree (an interrupt
-                # between last.npz and best.npz would otherwise lose the best epoch's weights for good).
+                # until they are all written, so last.npz, best.npz and history.* agree. best.npz goes first:
+                # a SIGKILL (which cannot be held) between the two then leaves last.npz at the epoch before,
+                # whose resume trains this epoch again and rewrites best.npz; the other order would leave a
+                # last.npz whose history names this epoch the best while best.npz holds an older one, for good.
                 with _interrupts_deferred():
-                    self._save("last.npz")
-                    self.saved_epoch = self.epoch
                     if improved:
                         self._save("best.npz")
                         self.best_saved_epoch = self.epoch
+                    self._save("last.npz")
+                    self.saved_epoch = self.epoch
                     self._write_history()
                     log(f"epoch {self.epoch}/{epochs}: train loss {train_loss:.4f} acc {train_acc:.4f}"
                         + (f" | val loss {val_loss:.4f} acc {val_acc:.4f}{' *' if improved else ''}" if has_val

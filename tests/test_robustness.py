@@ -279,6 +279,40 @@ def test_a_signal_while_an_epoch_is_saved_is_held_until_its_files_agree(tmp_path
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
+class ProcessDied(BaseException):
+    """Stands in for a SIGKILL: nothing after it runs, no handler sees it."""
+
+
+def test_a_kill_between_an_epochs_two_saves_never_loses_the_best_weights(tmp_path, monkeypatch):
+    """A SIGKILL cannot be held. Dying after the epoch's first file and before its second must leave a run
+    whose --resume ends with the uninterrupted run's best.npz (the old order, last.npz first, left a
+    last.npz whose history named epoch 1 the best and no best.npz at all)."""
+    x, y = tiny_data()
+    xv, yv = tiny_data(32, seed=1)
+    make_trainer(tmp_path / "reference").fit(x, y, xv, yv, epochs=1, log=lambda *_: None)
+    real_save = Trainer._save
+    saves_in_epoch_1 = []
+
+    def save(self, name):
+        if self.epoch == 1:
+            saves_in_epoch_1.append(name)
+            if len(saves_in_epoch_1) == 2:
+                raise ProcessDied
+        return real_save(self, name)
+
+    monkeypatch.setattr(Trainer, "_save", save)
+    with pytest.raises(ProcessDied):
+        make_trainer(tmp_path / "run").fit(x, y, xv, yv, epochs=1, log=lambda *_: None)
+    monkeypatch.setattr(Trainer, "_save", real_save)
+    make_trainer(tmp_path / "run", init_seed=9).fit(x, y, xv, yv, epochs=1, resume=True, log=lambda *_: None)
+    for name in ("best.npz", "last.npz"):
+        ours, theirs = load_npz(tmp_path / "run" / name), load_npz(tmp_path / "reference" / name)
+        assert ours[1]["epoch"] == theirs[1]["epoch"] == 1, name
+        assert set(ours[0]) == set(theirs[0])
+        for key in theirs[0]:
+            np.testing.assert_array_equal(ours[0][key], theirs[0][key], err_msg=f"{name}: {key}")
+
+
 def test_orphaned_temporary_files_are_removed_at_the_next_start(tmp_path):
     tmp_path.mkdir(exist_ok=True)
     orphans = [tmp_path / ".last.npz.k1l2.tmp", tmp_path / ".history.json.zz.tmp"]
