@@ -2,7 +2,7 @@
 
 The GPU machine takes at most 64 MiB of working tree (tracked files, FER-2013's images and whatever is
 carried) and gives back at most 8 files of 16 MiB each. A resumable checkpoint of ``vgg_fer_slim``
-(weights plus SGD momentum) is 17.9 MiB: too big to come back whole. So:
+(weights plus SGD momentum) is 17.8 MiB: too big to come back whole. So:
 
     python benchmarks/travel.py pack RUN_DIR OUT_DIR      # on the GPU machine (benchmarks/gpu_train.sh does it)
     python benchmarks/travel.py unpack FILES_AT RUN_DIR   # here, on what came back

@@ -10,7 +10,8 @@ from minicnn.checkpoint import load_npz, save_npz
 from minicnn.models import MODELS, build_model
 
 
-@pytest.mark.parametrize("name,trainable", [("hw3_cnn", 1_703_623), ("hw3_dnn", 1_974_791), ("ece662_resnet", 2_982_247)])
+@pytest.mark.parametrize("name,trainable", [("hw3_cnn", 1_703_623), ("hw3_dnn", 1_974_791), ("ece662_resnet", 2_982_247),
+                                            ("vgg_fer", 10_462_535), ("vgg_fer_slim", 2_327_623)])
 def test_zoo_matches_the_reports_parameter_counts(name, trainable):
     model = build_model(name)
     assert model.count_params()[0] == trainable
@@ -279,3 +280,24 @@ def test_one_hw3_cnn_training_step_matches_torch():
     for i, layer in enumerate(model.layers):  # running statistics too
         if isinstance(layer, (minicnn.BatchNorm1D, minicnn.BatchNorm2D)):
             np.testing.assert_allclose(layer.buffers["running_var"], net[i].running_var.numpy(), rtol=1e-4)
+
+
+def test_vgg_fer_slim_ships_and_travels_and_vgg_fer_does_not(tmp_path):
+    """The sizes its docstring promises: float16 weights under the 16 MiB a file may have, and a resumable SGD
+    checkpoint small enough to go to the GPU machine beside FER-2013's 33 MiB of Training images."""
+    from minicnn.optim import SGD  # noqa: PLC0415
+    from minicnn.training import export_for_inference, save_checkpoint  # noqa: PLC0415
+
+    sizes = {}
+    for name in ("vgg_fer_slim", "vgg_fer"):
+        model = build_model(name)
+        optimizer = SGD(model, lr=0.01, momentum=0.9, nesterov=True)
+        for key, value in model.params.items():  # momentum buffers exist once a step was taken
+            model.grads[key] = np.zeros_like(value)
+        optimizer.step()
+        save_checkpoint(tmp_path / f"{name}.npz", model, optimizer, epoch=1)
+        export_for_inference(tmp_path / f"{name}.npz", tmp_path / f"{name}16.npz", dtype="float16")
+        sizes[name] = ((tmp_path / f"{name}.npz").stat().st_size, (tmp_path / f"{name}16.npz").stat().st_size)
+    mib = 2**20
+    assert sizes["vgg_fer_slim"][1] < 5 * mib and sizes["vgg_fer_slim"][0] < 18 * mib
+    assert sizes["vgg_fer"][1] > 16 * mib  # why the slim one exists
