@@ -74,14 +74,14 @@ except Exception as exc:  # the summary must still be written
     info["versions_error"] = repr(exc)
 history_path = Path(run) / "history.json"
 if history_path.is_file():
-    history = json.loads(history_path.read_text())
-    rows = history if isinstance(history, list) else history.get("epochs", history.get("history", []))
-    scored = [r for r in rows if isinstance(r, dict) and r.get("val_acc") is not None]
+    rows = json.loads(history_path.read_text())  # one row per epoch, as the Trainer writes it
     info["epochs_done"] = len(rows)
+    scored = [r for r in rows if r["val_acc"] is not None]
     if scored:
-        best = max(scored, key=lambda r: r["val_acc"])
-        info["best_epoch"], info["best_val_acc"] = best.get("epoch"), best["val_acc"]
-        info["last_epoch_seconds"] = rows[-1].get("seconds", rows[-1].get("time"))
+        best = max(scored, key=lambda r: r["val_acc"])  # the first of equals, like the Trainer's best.npz
+        info["best_epoch"], info["best_val_acc"] = best["epoch"], best["val_acc"]
+    if rows:
+        info["last_epoch_seconds"] = rows[-1]["seconds"]
 (Path(out) / "gpu_train.json").write_text(json.dumps(info, indent=1) + "\n")
 print(json.dumps(info))
 EOF

@@ -82,10 +82,10 @@ def pack(run_dir: Path, out_dir: Path, piece_bytes: int = PIECE_BYTES) -> dict:
         export_for_inference(best, out_dir / "best.npz", dtype="float32")
         manifest["best.npz"] = {"bytes": (out_dir / "best.npz").stat().st_size,
                                 "sha256": sha256_of(out_dir / "best.npz")}
-    for name in ("history.json",):
-        if (run_dir / name).is_file():
-            shutil.copyfile(run_dir / name, out_dir / name)
-            manifest[name] = {"bytes": (out_dir / name).stat().st_size, "sha256": sha256_of(out_dir / name)}
+    if (run_dir / "history.json").is_file():
+        shutil.copyfile(run_dir / "history.json", out_dir / "history.json")
+        manifest["history.json"] = {"bytes": (out_dir / "history.json").stat().st_size,
+                                    "sha256": sha256_of(out_dir / "history.json")}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 

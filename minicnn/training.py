@@ -597,10 +597,12 @@ def _catch_sigterm():
 
 @contextlib.contextmanager
 def _interrupts_deferred():
-    """Hold SIGINT and SIGTERM while the block runs; raise KeyboardInterrupt after it if one came.
+    """Hold SIGINT and SIGTERM while the block runs; deliver the first that came to its own handler after it.
 
-    Only in the main thread (where Python runs signal handlers). An exception
-    of the block's own goes on unchanged.
+    Only in the main thread (where Python runs signal handlers). The held
+    signal is raised again once the handlers are back, so it does what it
+    would have done (train.py's: KeyboardInterrupt). An exception of the
+    block's own goes on unchanged.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -618,7 +620,7 @@ def _interrupts_deferred():
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if received:
-        raise KeyboardInterrupt(f"signal {received[0]} (held until the epoch's files were written)")
+        signal.raise_signal(received[0])
 
 
 def _restore_sigterm(previous):
