@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """How fast can a NumPy convolution be? minicnn's im2col + GEMM against a NumPy Winograd F(2x2, 3x3)
-and PyTorch's CPU convolution (oneDNN), in the same run, on hw3_cnn's four 3x3 convolutions.
+and PyTorch's CPU convolution (oneDNN), in the same run, on hw3_cnn's four 3x3 convolutions
+(``--shapes zoo``: the 3x3 convolutions of the deeper zoo networks too).
 
 For each shape: the forward pass (im2col + one GEMM + the NCHW copy, as ``minicnn.Conv2D.forward``),
 the forward and backward pass of the layer, the time of the layer's matrix products alone (its
-three GEMMs, the GEMM-bound limit of im2col), a Winograd forward written with NumPy array operations
+three GEMMs, the GEMM-bound limit of im2col), the input gradient both ways (``col2im(W_mat^T @ G)``
+against ``conv_input_grad``, the convolution of dout with the turned kernel) and which of the two
+``Conv2D.backward`` takes, a Winograd forward written with NumPy array operations
 (``winograd_conv3x3`` below: 2.25x fewer multiplications, but its input and output transforms are
 sixteen strided passes each), and PyTorch's forward and forward + backward on the same tensors. One
 thread by default: a rank of ``bench_distributed.py``'s 2-rank configuration. Every result is first
@@ -12,6 +15,7 @@ checked against ``minicnn.Conv2D`` (the timings are of code that computes the ri
 
     python benchmarks/bench_conv_algorithms.py                  # batch 64, 1 thread: table + JSON
     python benchmarks/bench_conv_algorithms.py --batch 128 --threads 2 --json out.json
+    python benchmarks/bench_conv_algorithms.py --shapes zoo --batch 100 --threads 2   # + ResNet / VGG shapes
 
 The question it answers (README, "Several processes"): whether the convolutions alone leave room
 for minicnn's whole step to match PyTorch's on this CPU.
@@ -28,6 +32,11 @@ import numpy as np  # noqa: E402
 
 # hw3_cnn's convolutions: (C_in, C_out, H = W), padding 1, stride 1
 HW3_CONVS = [(1, 32, 48), (32, 64, 24), (64, 128, 12), (128, 256, 6)]
+# the other 3x3, stride-1 convolutions of the zoo: ece662_resnet (64->64 at 48, 128->128 at 24),
+# vgg_fer / vgg_fer_slim (1->64, 64->64, 64->128, 128->128, 128->256, 256->256 at 48, 24, 12, 6)
+# and dlcv_cnn (128->512 at 12, 512->512 at 6)
+ZOO_CONVS = HW3_CONVS + [(1, 64, 48), (64, 64, 48), (64, 128, 24), (128, 128, 24), (128, 256, 12),
+                         (256, 256, 12), (256, 256, 6), (128, 512, 12), (512, 512, 6)]
 
 # Winograd F(2x2, 3x3) (Lavin & Gray 2016): Y = A^T [ (G g G^T) * (B^T d B) ] A on 4x4 input tiles
 _G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
@@ -75,26 +84,50 @@ def winograd_conv3x3(x, w):
     return out.reshape(n, f, h, wd)
 
 
-def _gemms(layer, x):
-    """The layer's three matrix products, with its shapes, as a callable."""
+def _gemms(layer, x, dout):
+    """The layer's three matrix products, with the shapes its backward uses, as a callable."""
     from minicnn.layers.conv import im2col  # noqa: PLC0415
 
-    f = layer.out_channels
+    c, f = layer.in_channels, layer.out_channels
     cols = im2col(x, 3, 3, 1, 1)
     wm = layer.params["W"].reshape(f, -1)
     g = np.ones((f, cols.shape[1]), x.dtype)
+    if layer._dx_by_convolution():  # dx = W_rot (C, F*9) @ im2col(dout) (F*9, N*H*W)
+        dx_operands = (np.ones((c, 9 * f), x.dtype), im2col(dout, 3, 3, 1, 1))
+    else:  # dcols = W_mat^T (C*9, F) @ G (F, N*H*W), then col2im
+        dx_operands = (wm.T, g)
 
     def run():
         wm @ cols
         g @ cols.T
-        wm.T @ g
+        dx_operands[0] @ dx_operands[1]
 
     return run
+
+
+def _input_gradients(layer, x, dout):
+    """The input gradient by col2im and by the convolution with the turned kernel, as two callables."""
+    from minicnn.layers.conv import col2im, conv_input_grad  # noqa: PLC0415
+
+    f = layer.out_channels
+    W = layer.params["W"]
+    wm = W.reshape(f, -1)
+
+    def by_col2im():
+        g = dout.transpose(1, 0, 2, 3).reshape(f, -1)
+        return col2im(wm.T @ g, x.shape, 3, 3, 1, 1)
+
+    def by_convolution():
+        return conv_input_grad(dout, W, 1)
+
+    return by_col2im, by_convolution
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--shapes", choices=["hw3", "zoo"], default="hw3",
+                   help="hw3_cnn's four convolutions, or every 3x3 stride-1 convolution of the zoo")
     p.add_argument("--threads", type=int, default=1, help="BLAS / PyTorch threads")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
@@ -112,7 +145,7 @@ def main(argv=None):
     best = lambda fn: 1e3 * min(time_call(fn, args.repeats, args.warmup))  # noqa: E731  (ms, least disturbed)
     rows = []
     with threadpool_limits(args.threads):
-        for c, f, h in HW3_CONVS:
+        for c, f, h in HW3_CONVS if args.shapes == "hw3" else ZOO_CONVS:
             minicnn.seed(0)
             layer = minicnn.Conv2D(c, f, 3, padding=1, bias=False)
             rng = np.random.default_rng(0)
@@ -131,6 +164,10 @@ def main(argv=None):
                 if err > 1e-4:
                     sys.exit(f"error: {name} convolution differs from minicnn.Conv2D by {err:.2e} (relative) "
                              f"for shape {(c, f, h)}: refusing to time it")
+            by_col2im, by_convolution = _input_gradients(layer, x, dout)
+            dx_err = float(np.abs(by_col2im() - by_convolution()).max()) / float(np.abs(by_col2im()).max())
+            if dx_err > 1e-4:
+                sys.exit(f"error: the two input gradients differ by {dx_err:.2e} (relative) for shape {(c, f, h)}")
             tdout = torch.from_numpy(dout)
 
             def ours_fwd_bwd():
@@ -147,22 +184,25 @@ def main(argv=None):
                    "winograd_fwd_ms": round(best(lambda: winograd_conv3x3(x, layer.params["W"])), 2),
                    "torch_fwd_ms": round(torch_fwd, 2),
                    "im2col_fwd_bwd_ms": round(best(ours_fwd_bwd), 2),
-                   "gemms_only_ms": round(best(_gemms(layer, x)), 2),
-                   "torch_fwd_bwd_ms": round(best(torch_fwd_bwd), 2)}
+                   "gemms_only_ms": round(best(_gemms(layer, x, dout)), 2),
+                   "torch_fwd_bwd_ms": round(best(torch_fwd_bwd), 2),
+                   "dx_col2im_ms": round(best(by_col2im), 2), "dx_convolution_ms": round(best(by_convolution), 2),
+                   "dx_path": "convolution" if layer._dx_by_convolution() else "col2im"}
             row["minicnn_vs_torch_fwd_bwd"] = round(row["torch_fwd_bwd_ms"] / row["im2col_fwd_bwd_ms"], 3)
             rows.append(row)
             print(f"{row['shape']}: done", flush=True)
     total = {k: round(sum(r[k] for r in rows), 1) for k in rows[0] if k.endswith("_ms")}
-    rows.append({"shape": "all four", **total,
+    rows.append({"shape": f"all {len(rows)}", **total, "dx_path": "",
                  "minicnn_vs_torch_fwd_bwd": round(total["torch_fwd_bwd_ms"] / total["im2col_fwd_bwd_ms"], 3)})
     cols = ["shape", "im2col_fwd_ms", "winograd_fwd_ms", "torch_fwd_ms", "im2col_fwd_bwd_ms", "gemms_only_ms",
-            "torch_fwd_bwd_ms", "minicnn_vs_torch_fwd_bwd"]
-    print(f"\nhw3_cnn's 3x3 convolutions, batch {args.batch}, float32, {args.threads} thread(s), best of "
+            "torch_fwd_bwd_ms", "minicnn_vs_torch_fwd_bwd", "dx_col2im_ms", "dx_convolution_ms", "dx_path"]
+    which = "hw3_cnn's" if args.shapes == "hw3" else "The zoo's"
+    print(f"\n{which} 3x3 convolutions, batch {args.batch}, float32, {args.threads} thread(s), best of "
           f"{args.repeats} (ms); minicnn_vs_torch = PyTorch time / minicnn time (forward + backward, "
           "both with the input gradient)")
     print(markdown_table(rows, cols))
     out = args.json or default_json_path("conv_algorithms")
-    write_json(out, {"benchmark": "conv_algorithms", "batch": args.batch, "threads": args.threads,
+    write_json(out, {"benchmark": "conv_algorithms", "shapes": args.shapes, "batch": args.batch, "threads": args.threads,
                      "repeats": args.repeats, "environment": environment(torch), "rows": rows})
     print(f"\nwrote {out}")
     return 0

@@ -65,10 +65,15 @@ def environment(torch=None) -> dict:
         "minicnn": minicnn.__version__,
         "minicnn_backend": minicnn.get_backend(),
     }
+    info["date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     try:
-        info["cpu_model"] = next(
-            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
-        )
+        with open("/proc/cpuinfo") as cpuinfo:
+            lines = cpuinfo.read().splitlines()
+        info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        # The vector units explain most of a CPU ratio: PyTorch's oneDNN and OpenBLAS both use AVX-512 where
+        # it exists, with different gains, so the same code has different ratios on two "2-core" VMs.
+        flags = set(next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags")))
+        info["cpu_vector_units"] = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
     except (OSError, StopIteration):
         pass
     if torch is not None:

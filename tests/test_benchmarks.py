@@ -1,7 +1,8 @@
-"""The benchmarks' PyTorch twins compute what the zoo networks compute (so the timings compare like with like)."""
+"""The benchmarks compute what they claim to time: PyTorch twins of the zoo networks, the Winograd and input-gradient variants."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +67,15 @@ def test_the_benchmarks_numpy_winograd_convolution_is_the_3x3_convolution(c, f, 
     layer = minicnn.Conv2D(c, f, 3, padding=1, bias=False)
     layer.params["W"] = rng.standard_normal((f, c, 3, 3))
     np.testing.assert_allclose(winograd_conv3x3(x, layer.params["W"]), layer.forward(x), rtol=1e-10, atol=1e-10)
+
+
+def test_the_convolution_benchmark_times_both_input_gradients_and_names_the_layers_choice(tmp_path):
+    pytest.importorskip("threadpoolctl")
+    bench = _load_bench("bench_conv_algorithms")
+    out = tmp_path / "conv.json"
+    assert bench.main(["--batch", "2", "--repeats", "1", "--warmup", "0", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["shape"] for r in rows] == ["1->32, 48x48", "32->64, 24x24", "64->128, 12x12", "128->256, 6x6", "all 4"]
+    # the first layer (C_out = 32 C_in) scatters with col2im; the others (C_out = 2 C_in) convolve dout
+    assert [r["dx_path"] for r in rows] == ["col2im", "convolution", "convolution", "convolution", ""]
+    assert all(r["dx_col2im_ms"] > 0 and r["dx_convolution_ms"] > 0 for r in rows)

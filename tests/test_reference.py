@@ -83,6 +83,61 @@ def test_conv2d_forward_and_backward_equal_the_reference(case, float64):
     close(layer.grads["b"], ref_db)
 
 
+@st.composite
+def stride1_conv_case(draw):
+    """Stride 1, any rectangular kernel, padding up to kernel - 1 (where dx is a convolution)."""
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    ph, pw = draw(st.integers(0, kh - 1)), draw(st.integers(0, kw - 1))
+    h, w = draw(st.integers(max(1, kh - 2 * ph), 8)), draw(st.integers(max(1, kw - 2 * pw), 8))
+    return dict(n=draw(st.integers(1, 3)), c=draw(st.integers(1, 4)), f=draw(st.integers(1, 4)), h=h, w=w,
+                k=(kh, kw), p=(ph, pw), seed=draw(seeds()))
+
+
+@given(case=stride1_conv_case())
+@settings(**SETTINGS)
+def test_input_gradient_as_a_convolution_equals_col2im_and_the_reference(case):
+    """dx = conv(dout, W turned by 180 degrees, channels swapped, padding K-1-p) = col2im(W_mat^T G)."""
+    rng = np.random.default_rng(case["seed"])
+    n, c, f, (kh, kw), p = case["n"], case["c"], case["f"], case["k"], case["p"]
+    x = rng.standard_normal((n, c, case["h"], case["w"]))
+    W = rng.standard_normal((f, c, kh, kw))
+    dout = rng.standard_normal(reference.conv2d_forward(x, W, None, 1, p).shape)
+    by_convolution = minicnn.layers.conv.conv_input_grad(dout, W, p)
+    g = dout.transpose(1, 0, 2, 3).reshape(f, -1)
+    by_col2im = minicnn.col2im(W.reshape(f, -1).T @ g, x.shape, kh, kw, 1, p)
+    assert by_convolution.shape == x.shape and by_convolution.flags.c_contiguous
+    close(by_convolution, by_col2im)
+    close(by_convolution, reference.conv2d_backward(dout, x, W, 1, p)[0])
+
+
+def test_input_gradient_as_a_convolution_refuses_a_padding_beyond_the_kernel():
+    with pytest.raises(ValueError, match=r"padding \(3, 0\) must be at most kernel - 1 = \(2, 2\)"):
+        minicnn.layers.conv.conv_input_grad(np.zeros((1, 1, 8, 2)), np.zeros((1, 1, 3, 3)), (3, 0))
+
+
+@pytest.mark.parametrize(
+    "c_in, c_out, stride, padding, kernel, expected",
+    [
+        (64, 64, 1, 1, 3, True),      # the ResNet / VGG case: a copy beats a scatter
+        (32, 64, 1, 1, 3, True),      # C_out = 2 C_in, still the convolution
+        (16, 33, 1, 1, 3, False),     # C_out > 2 C_in: im2col of dout would be too big
+        (1, 64, 1, 1, 3, False),      # the first layer
+        (64, 64, 2, 1, 3, False),     # stride 2: dx is not a plain convolution
+        (64, 64, 1, 3, 3, False),     # padding beyond kernel - 1
+        (64, 64, 1, 0, 1, True),      # 1x1, stride 1
+    ],
+)
+def test_conv2d_backward_chooses_its_input_gradient_path_and_both_are_right(
+    c_in, c_out, stride, padding, kernel, expected, float64
+):
+    layer = minicnn.Conv2D(c_in, c_out, kernel, stride=stride, padding=padding)
+    assert layer._dx_by_convolution() is expected
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, c_in, 5, 5))
+    dout = rng.standard_normal(layer.forward(x).shape)
+    close(layer.backward(dout), reference.conv2d_backward(dout, x, layer.params["W"], stride, padding)[0])
+
+
 def test_conv2d_is_a_cross_correlation_not_a_flipped_convolution():
     """A kernel with a single 1 at its top-left picks, at output (i, j), the input pixel (i, j)."""
     x = np.arange(16.0).reshape(1, 1, 4, 4)

@@ -182,6 +182,19 @@ print(f"<im2col(x), y> = {lhs:.10f}   <x, col2im(y)> = {rhs:.10f}")
 assert abs(lhs - rhs) < 1e-9 * max(1.0, abs(lhs))
 
 # %% [markdown]
+# With stride 1 the same `dx` is itself a convolution: of `dout`, zero-padded by `K-1-p`, with the
+# kernel turned by 180 degrees and its input and output channels swapped,
+# $dx[n,c,y,x] = \sum_{f,u,v} dout[n,f,y+p-u,x+p-v]\, W[f,c,u,v]$. A copy (im2col of `dout`)
+# replaces the scatter-add, and `Conv2D.backward` takes this route when it moves less memory
+# (stride 1 and `C_out <= 2 C_in`; see `minicnn.layers.conv.conv_input_grad`).
+
+# %%
+W_rot = W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, F, KH, KW)
+dx_as_conv = reference.conv2d_forward(dout, W_rot, None, stride=1, padding=(kh - 1 - 1, kw - 1 - 1))
+print(f"dx: max |turned-kernel convolution - col2im| = {np.abs(dx_as_conv - dx).max():.1e}")
+assert np.allclose(dx_as_conv, dx, rtol=1e-10, atol=1e-12)
+
+# %% [markdown]
 # And the layer's own backward, checked against numerical gradients with `minicnn.gradcheck`
 # (float64, a random upstream gradient):
 

@@ -29,7 +29,7 @@ from .. import initializers, kernels
 from ..backend import get_array_module
 from .base import Layer
 
-__all__ = ["Conv2D", "im2col", "col2im", "conv2d_naive", "conv_output_size", "pair"]
+__all__ = ["Conv2D", "im2col", "col2im", "conv_input_grad", "conv2d_naive", "conv_output_size", "pair"]
 
 
 def pair(v, name="value"):
@@ -114,6 +114,39 @@ def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
     return dxpad[:, :, ph : ph + h, pw : pw + w]
 
 
+def conv_input_grad(dout, W, padding=0):
+    """The input gradient of a stride-1 convolution, computed as a convolution of ``dout``.
+
+    Shapes:
+        dout (N, F, OH, OW), W (F, C, KH, KW)  ->  dx (N, C, H, W)
+        with H = OH + KH - 1 - 2 ph (stride 1), W likewise
+
+    Parameters:
+        dout: the gradient of the loss w.r.t. the convolution's output;
+        W: the convolution's filters; padding: its padding (ph, pw), each at most K - 1.
+
+    Forward was ``out[n, f, i, j] = sum_{c, u, v} W[f, c, u, v] xpad[n, c, i + u, j + v]``, so
+
+        dx[n, c, y, x] = sum_{f, u, v} dout[n, f, y + ph - u, x + pw - v] W[f, c, u, v]
+
+    (terms with an index outside dout are zero). Substituting u' = KH-1-u, v' = KW-1-v
+    turns it into a forward convolution of dout, zero-padded by (KH-1-ph, KW-1-pw), with
+    the kernel ``W_rot[c, f, u', v'] = W[f, c, KH-1-u', KW-1-v']``: the filters turned
+    by 180 degrees, input and output channels swapped. This is the same dx as
+    ``col2im(W_mat^T @ G)``, reached by a copy (im2col) instead of a scatter-add.
+    """
+    ph, pw = pair(padding, "padding")
+    f, c, kh, kw = W.shape
+    if ph > kh - 1 or pw > kw - 1:
+        raise ValueError(f"conv_input_grad: padding {(ph, pw)} must be at most kernel - 1 = {(kh - 1, kw - 1)}")
+    xp = get_array_module(dout)
+    n, _, oh, ow = dout.shape
+    h, w = oh + kh - 1 - 2 * ph, ow + kw - 1 - 2 * pw
+    w_rot = xp.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(c, f * kh * kw)
+    dx = w_rot @ im2col(dout, kh, kw, 1, (kh - 1 - ph, kw - 1 - pw))  # (C, N*H*W)
+    return xp.ascontiguousarray(dx.reshape(c, n, h, w).transpose(1, 0, 2, 3))
+
+
 def conv2d_naive(x, W, b=None, stride=1, padding=0):
     """Teaching reference: the convolution sum (a cross-correlation) written as explicit loops.
 
@@ -171,6 +204,13 @@ class Conv2D(Layer):
         dW = (G @ X^T).reshape(W.shape)     i.e. dW[f, c, u, v] = sum_{n, i, j} dout[n, f, i, j] xpad[n, c, i*sh + u, j*sw + v]
         db = sum of dout over (N, OH, OW)
         dx = col2im(W_mat^T @ G)            i.e. dxpad[n, c, i*sh + u, j*sw + v] += dout[n, f, i, j] W[f, c, u, v]
+
+    With stride 1 the input gradient is itself a convolution, of dout with the
+    kernel turned by 180 degrees and its channel axes swapped (:func:`conv_input_grad`):
+        dx[n, c, y, x] = sum_{f, u, v} dout[n, f, y + ph - u, x + pw - v] W[f, c, u, v]
+                       = conv(dout, W_rot, padding=(KH-1-ph, KW-1-pw)),  W_rot[c, f, u, v] = W[f, c, KH-1-u, KW-1-v]
+    Both give the same dx (``tests/test_reference.py``); the layer takes the convolution
+    when it moves less memory (see :meth:`backward`).
 
     Reference: :func:`minicnn.reference.conv2d_forward` / :func:`minicnn.reference.conv2d_backward`
     (loops), proven equal in ``tests/test_reference.py``.
@@ -254,6 +294,28 @@ class Conv2D(Layer):
         self.grads["W"] = (g @ cols.T).reshape(W.shape)
         if "b" in self.params:
             self.grads["b"] = g.sum(axis=1)
-        dcols = W.reshape(f, -1).T @ g
         self.cache = None
+        if self._dx_by_convolution():
+            return conv_input_grad(dout, W, self.padding)
+        dcols = W.reshape(f, -1).T @ g  # (C_in*KH*KW, N*OH*OW)
         return col2im(dcols, x_shape, kh, kw, self.stride, self.padding)
+
+    def _dx_by_convolution(self):
+        """Whether backward computes dx as a convolution (stride 1) instead of by col2im.
+
+        Why a choice: col2im scatters a (C_in*KH*KW, N*OH*OW) matrix after a GEMM of
+        inner size C_out; the convolution copies dout into a (C_out*KH*KW, N*OH*OW)
+        matrix with im2col, then one GEMM of inner size C_out*KH*KW writes dx directly.
+        So the convolution wins while C_out is not much larger than C_in. Measured on
+        a 2-core CPU, batch 100 (ms, col2im -> convolution; ``python
+        benchmarks/bench_conv_algorithms.py --shapes zoo --batch 100 --threads 2``):
+        64->64 at 48x48 209 -> 126, 128->128 at 24x24 167 -> 115, 64->128 at 24x24
+        76 -> 69, 512->512 at 6x6 125 -> 102, 32->64 at 24x24 28.5 -> 29.2 (even);
+        but 128->512 at 12x12 102 -> 122 and 1->64 at 48x48 8 -> 48. Hence:
+        C_out <= 2 C_in. (On a GPU the trade is untested: see README.)
+        """
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        return (
+            self.stride == (1, 1) and ph <= kh - 1 and pw <= kw - 1
+            and self.out_channels <= 2 * self.in_channels
+        )
