@@ -107,15 +107,12 @@ def _gemms(layer, x, dout):
 
 def _input_gradients(layer, x, dout):
     """The input gradient by col2im and by the convolution with the turned kernel, as two callables."""
-    from minicnn.layers.conv import col2im, conv_input_grad  # noqa: PLC0415
+    from minicnn.layers.conv import col2im_input_grad, conv_input_grad  # noqa: PLC0415
 
-    f = layer.out_channels
     W = layer.params["W"]
-    wm = W.reshape(f, -1)
 
-    def by_col2im():
-        g = dout.transpose(1, 0, 2, 3).reshape(f, -1)
-        return col2im(wm.T @ g, x.shape, 3, 3, 1, 1)
+    def by_col2im():  # with the layer's rearrangement of dout, as Conv2D.backward
+        return col2im_input_grad(dout.transpose(1, 0, 2, 3).reshape(W.shape[0], -1), W, x.shape, 1, 1)
 
     def by_convolution():
         return conv_input_grad(dout, W, 1)

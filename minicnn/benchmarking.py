@@ -70,8 +70,8 @@ def environment(torch=None) -> dict:
         with open("/proc/cpuinfo") as cpuinfo:
             lines = cpuinfo.read().splitlines()
         info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-        # The vector units explain most of a CPU ratio: PyTorch's oneDNN and OpenBLAS both use AVX-512 where
-        # it exists, with different gains, so the same code has different ratios on two "2-core" VMs.
+        # The vector units explain much of a CPU ratio: PyTorch's oneDNN uses AVX-512 where it exists, while
+        # NumPy's OpenBLAS may keep its AVX2 kernels, so the same code has different ratios on two "2-core" VMs.
         flags = set(next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags")))
         info["cpu_vector_units"] = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
     except (OSError, StopIteration):

@@ -29,7 +29,7 @@ from .. import initializers, kernels
 from ..backend import get_array_module
 from .base import Layer
 
-__all__ = ["Conv2D", "im2col", "col2im", "conv_input_grad", "conv2d_naive", "conv_output_size", "pair"]
+__all__ = ["Conv2D", "im2col", "col2im", "col2im_input_grad", "conv_input_grad", "conv2d_naive", "conv_output_size", "pair"]
 
 
 def pair(v, name="value"):
@@ -112,6 +112,20 @@ def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
         for v in range(kw):
             dxpad[:, :, u : u + sh * oh : sh, v : v + sw * ow : sw] += cols6[:, u, v].transpose(1, 0, 2, 3)
     return dxpad[:, :, ph : ph + h, pw : pw + w]
+
+
+def col2im_input_grad(g, W, x_shape, stride=1, padding=0):
+    """The input gradient of any convolution by col2im: ``dx = col2im(W_mat^T @ G)``.
+
+    Shapes:
+        g (F, N*OH*OW): dout rearranged as the forward product's output,
+        W (F, C, KH, KW)  ->  dx (N, C, H, W) = ``x_shape``
+
+    ``W_mat^T @ G`` (C*KH*KW, N*OH*OW) is the gradient of every entry of the column
+    matrix, and col2im sums each back onto the pixel it was read from.
+    """
+    f, _, kh, kw = W.shape
+    return col2im(W.reshape(f, -1).T @ g, x_shape, kh, kw, stride, padding)
 
 
 def conv_input_grad(dout, W, padding=0):
@@ -210,7 +224,7 @@ class Conv2D(Layer):
         dx[n, c, y, x] = sum_{f, u, v} dout[n, f, y + ph - u, x + pw - v] W[f, c, u, v]
                        = conv(dout, W_rot, padding=(KH-1-ph, KW-1-pw)),  W_rot[c, f, u, v] = W[f, c, KH-1-u, KW-1-v]
     Both give the same dx (``tests/test_reference.py``); the layer takes the convolution
-    when it moves less memory (see :meth:`backward`).
+    when it moves less memory (see :meth:`_dx_by_convolution`).
 
     Reference: :func:`minicnn.reference.conv2d_forward` / :func:`minicnn.reference.conv2d_backward`
     (loops), proven equal in ``tests/test_reference.py``.
@@ -289,7 +303,6 @@ class Conv2D(Layer):
         x_shape, cols = self.cache
         W = self.params["W"]
         f = self.out_channels
-        kh, kw = self.kernel_size
         g = dout.transpose(1, 0, 2, 3).reshape(f, -1)  # (F, N*OH*OW)
         self.grads["W"] = (g @ cols.T).reshape(W.shape)
         if "b" in self.params:
@@ -297,8 +310,7 @@ class Conv2D(Layer):
         self.cache = None
         if self._dx_by_convolution():
             return conv_input_grad(dout, W, self.padding)
-        dcols = W.reshape(f, -1).T @ g  # (C_in*KH*KW, N*OH*OW)
-        return col2im(dcols, x_shape, kh, kw, self.stride, self.padding)
+        return col2im_input_grad(g, W, x_shape, self.stride, self.padding)
 
     def _dx_by_convolution(self):
         """Whether backward computes dx as a convolution (stride 1) instead of by col2im.
