@@ -67,7 +67,7 @@ class ImageClassifier:
         from .backend import get_array_module  # noqa: PLC0415
 
         xp = get_array_module(*self.model.params.values())
-        return int(self.model.forward(xp.zeros((1, *shape), dtype=self.model.dtype), training=False).shape[1])
+        return int(self.model.forward_only(xp.zeros((1, *shape), dtype=self.model.dtype)).shape[1])
 
     @property
     def image_size(self) -> tuple[int, int]:

@@ -347,7 +347,7 @@ class _SyncBatchNorm(_BatchNorm):
 
     def backward(self, dout):
         """dx from the global sums of dy and dy * xhat; this rank's dgamma and dbeta (see the class docstring)."""
-        batch_stats = self.cache[0]
+        batch_stats = self._saved()[0]
         if not batch_stats or self.comm is None or self.comm.size == 1:
             return super().backward(dout)
         xp = get_array_module(dout)
@@ -479,7 +479,7 @@ class DistributedTrainer(Trainer):
             average_buffers(self.model, self.comm)  # one set of running statistics to evaluate and save
         return result
 
-    def evaluate(self, x, y, batch_size=512):
+    def evaluate(self, x, y, batch_size=256):
         """(mean loss, accuracy) over all of x, y, each rank evaluating its shard."""
         n = len(y)
         lo, hi = self._shard(n)

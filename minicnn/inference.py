@@ -56,7 +56,7 @@ def predict_proba(model, x, batch_size: int = 256, progress=None) -> np.ndarray:
     bar = progress_bar(progress, len(x))
     for start in range(0, len(x), batch_size):
         xb = to_array_module(x[start : start + batch_size], module_of(model), dtype=model.dtype)
-        out.append(to_host(softmax(model.forward(xb, training=False))))
+        out.append(to_host(softmax(model.forward_only(xb))))
         if bar is not None:
             bar.update(len(xb))
     if bar is not None:
@@ -114,7 +114,7 @@ def predict_tta(model, x, batch_size: int = 256, padding: int = 4, flip: bool = 
         total = None
         for v in views:
             # A crop of a padded array is a strided view: make it contiguous for the GEMMs.
-            p = softmax(model.forward(get_array_module(v).ascontiguousarray(v), training=False))
+            p = softmax(model.forward_only(get_array_module(v).ascontiguousarray(v)))
             total = p if total is None else total + p
         out.append(to_host(total / len(views)))
         if bar is not None:

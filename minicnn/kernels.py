@@ -769,7 +769,7 @@ def maxpool2d_forward(layer, x, training=True):
 def maxpool2d_backward(layer, dout):
     """Fused :meth:`minicnn.MaxPool2D.backward`: one launch, each input pixel gathers its windows' gradients."""
     xp = get_array_module(dout)
-    _, x_shape, arg = layer.cache
+    _, x_shape, arg = layer._saved()
     dout = xp.ascontiguousarray(dout)
     (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
     n, c, h, w = x_shape

@@ -400,14 +400,14 @@ class Trainer:
         """Totals of per-process counters over all processes: here, the values themselves."""
         return values
 
-    def evaluate(self, x, y, batch_size=512):
+    def evaluate(self, x, y, batch_size=256):
         """(mean loss, accuracy) in evaluation mode; x, y on host or device."""
         xp = backend.module_of(self.model)  # the model's device, whatever the active backend
         total_loss, correct, n = xp.zeros((), dtype=np.float64), xp.zeros((), dtype=np.int64), len(y)
         for start in range(0, n, batch_size):
             xb = backend.to_array_module(x[start : start + batch_size], xp, dtype=self.model.dtype)
             yb = backend.to_array_module(y[start : start + batch_size], xp)
-            logits = self.model.forward(xb, training=False)
+            logits = self.model.forward_only(xb)  # no backward follows: no layer keeps its cache
             total_loss += self.loss_fn.forward(logits, yb) * len(yb)
             correct += (logits.argmax(axis=1) == yb).sum()
         return float(total_loss) / max(n, 1), float(correct) / max(n, 1)
@@ -473,7 +473,7 @@ class Trainer:
             # Labels beyond the network's outputs: checked once here, as the loss cannot on a device without a
             # host sync per step (one evaluation-mode forward of one input tells the number of classes).
             first = backend.to_array_module(x_train[:1], backend.module_of(self.model), dtype=self.model.dtype)
-            k = self.model.forward(first, training=False).shape[-1]
+            k = self.model.forward_only(first).shape[-1]
             for name, labels in (("y_train", y_train), ("y_val", y_val if has_val else None)):
                 if labels is not None and len(labels) and labels.max() >= k:
                     raise ValueError(f"Trainer.fit: {name} holds label {int(labels.max())} but the network has "
@@ -481,7 +481,9 @@ class Trainer:
         self._clean_orphaned_files(log)
         if resume:
             self.resume()
-            log(f"resumed from {self.out_dir / 'last.npz'} after epoch {self.epoch}")
+            # The schedule's state (epoch, rate) is known only now: say it here, as a header printed earlier cannot.
+            log(f"resumed from {self.out_dir / 'last.npz'} after epoch {self.epoch}; lr {float(self.optimizer.lr):g}"
+                + (f", {self.schedule!r}" if self.schedule is not None else ""))
         xp = backend.module_of(self.model)  # data go to the model's device, once
         x = backend.to_array_module(x_train, xp, dtype=self.model.dtype)
         y = backend.to_array_module(_same_or_checked(given_y_train, y_train, xp), xp).astype(np.int64, copy=False)

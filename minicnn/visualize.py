@@ -440,7 +440,7 @@ def top_activations(model, x, layer_index=None, top_k: int = 6, keep_maps: int =
     for start in range(0, len(x), batch_size):
         h = to_array_module(x[start : start + batch_size], module_of(model), dtype=model.dtype)
         for layer in model.layers[: layer_index + 1]:
-            h = layer.forward(h, training=False)
+            h = layer.forward_only(h)
         if h.ndim != 4:
             raise ValueError(f"top_activations: layer {layer_index} ({model.layers[layer_index]!r}) gives "
                              f"output of shape {tuple(h.shape)}, not feature maps (N, F, H, W)")

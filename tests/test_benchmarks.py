@@ -79,3 +79,16 @@ def test_the_convolution_benchmark_times_both_input_gradients_and_names_the_laye
     # the first layer (C_out = 32 C_in) scatters with col2im; the others (C_out = 2 C_in) convolve dout
     assert [r["dx_path"] for r in rows] == ["col2im", "convolution", "convolution", "convolution", ""]
     assert all(r["dx_col2im_ms"] > 0 and r["dx_convolution_ms"] > 0 for r in rows)
+
+
+def test_the_evaluation_memory_benchmark_measures_three_ways_that_compute_the_same_outputs(tmp_path):
+    bench = _load_bench("bench_eval_memory")
+    out = tmp_path / "memory.json"
+    assert bench.main(["--models", "ece662_resnet", "--batch-size", "16", "--images", "32", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    # The same network and inputs in the three processes: the same outputs, up to float rounding.
+    np.testing.assert_allclose(row["forward_only_checksum"], row["forward_checksum"], rtol=1e-6)
+    np.testing.assert_allclose(row["torch_checksum"], row["forward_checksum"], rtol=1e-3)
+    # 16 images: one 64 -> 64 im2col matrix is 85 MB; a forward keeping caches holds several at once.
+    assert row["forward_gib"] > 2 * row["forward_only_gib"] > 0
+    assert row["ratio_vs_torch"] == round(row["forward_only_gib"] / row["torch_gib"], 2)

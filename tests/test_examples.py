@@ -781,6 +781,9 @@ def test_resume_needs_only_out_and_refuses_other_arguments(fer_run, tmp_path, ca
     # Only --out (and a longer --epochs): the run's own arguments, data path included, are used.
     rc, stdout, err = run_main(train_script, ["--out", str(out), "--resume", "--epochs", "2", "--no-progress"], capsys)
     assert rc == 0, err
+    # The header cannot know the restored state; the resume line says it (the schedule after epoch 1, not 0).
+    assert "Adam and ReduceLROnPlateau, state from last.npz" in stdout
+    assert "after epoch 1; lr 0.002, ReduceLROnPlateau(epoch=1, lr=0.002)" in stdout, stdout
     _, _, meta = minicnn.training.load_checkpoint(out / "last.npz")
     assert meta["epoch"] == 2 and meta["args"]["lr"] == 0.002 and meta["args"]["augment"] == "none"
     assert meta["args"]["limit"] == 64 and (out / "test_metrics.json").is_file()  # --no-test was not kept

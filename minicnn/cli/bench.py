@@ -38,7 +38,7 @@ def bench_minicnn(model, x, y, repeats, warmup, sync):
 
 
 def bench_minicnn_inference(model, x, repeats, warmup, sync):
-    return time_call(lambda: model.forward(x, training=False), repeats, warmup, sync)
+    return time_call(lambda: model.forward_only(x), repeats, warmup, sync)
 
 
 def bench_torch(torch, model, x, y, repeats, warmup, device, train=True):

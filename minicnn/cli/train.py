@@ -459,7 +459,10 @@ def run(argv=None):
     loss_fn = SoftmaxCrossEntropy(label_smoothing=args.label_smoothing) if args.loss == "ce" else MSELoss()
 
     trained, total = model.count_params()
-    print(f"model {args.model}: {trained:,} trainable parameters; backend {args.backend}; {optimizer!r}; {schedule!r}")
+    # A resumed run's optimiser and schedule get their state from last.npz in Trainer.fit, which prints it.
+    state = (f"{type(optimizer).__name__} and {type(schedule).__name__}, state from last.npz" if args.resume
+             else f"{optimizer!r}; {schedule!r}")
+    print(f"model {args.model}: {trained:,} trainable parameters; backend {args.backend}; {state}")
     print(f"augmentation: {augmenter!r}")
     provenance = init["provenance"] if init else (resumed_meta or {}).get("init")
     # A run from another run's weights draws fresh shuffles, dropout masks and augmented views: its

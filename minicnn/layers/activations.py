@@ -22,6 +22,8 @@ class ReLU(Layer):
     Reference: :func:`minicnn.reference.relu_forward` / :func:`minicnn.reference.relu_backward`.
     """
 
+    cache_attrs = ("mask",)
+
     def forward(self, x, training=True):
         """out = max(x, 0); keeps the mask [x > 0] for backward."""
         out, self.mask = _leaky_relu_forward(x, 0.0)
@@ -29,7 +31,7 @@ class ReLU(Layer):
 
     def backward(self, dout):
         """dx = dout * [x > 0]."""
-        return _leaky_relu_backward(dout, self.mask, 0.0)
+        return _leaky_relu_backward(dout, self._saved("mask"), 0.0)
 
 
 class LeakyReLU(Layer):
@@ -55,6 +57,8 @@ class LeakyReLU(Layer):
     def extra_repr(self):
         return f"negative_slope={self.negative_slope}"
 
+    cache_attrs = ("slope",)
+
     def forward(self, x, training=True):
         """out = x where x > 0, negative_slope * x elsewhere; keeps the local derivative."""
         out, self.slope = _leaky_relu_forward(x, self.negative_slope)
@@ -62,7 +66,7 @@ class LeakyReLU(Layer):
 
     def backward(self, dout):
         """dx = dout * (1 if x > 0 else negative_slope)."""
-        return _leaky_relu_backward(dout, self.slope, self.negative_slope)
+        return _leaky_relu_backward(dout, self._saved("slope"), self.negative_slope)
 
 
 @kernels.gpu_fast_path(kernels.leaky_relu_forward)  # on CuPy: one kernel, and the cache is x itself
@@ -114,6 +118,8 @@ class Dropout(Layer):
 
     def extra_repr(self):
         return f"p={self.p}"
+
+    cache_attrs = ("mask",)
 
     def forward(self, x, training=True):
         """Training: out = x * mask with a fresh mask; evaluation: out = x."""

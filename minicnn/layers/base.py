@@ -54,6 +54,37 @@ class Layer:
         """Given ``dout`` = dL/d(out) of the last forward pass, return dL/dx and fill ``self.grads``."""
         raise NotImplementedError
 
+    # The attributes where forward keeps what backward needs; forward_only drops them. A layer that keeps its
+    # cache under other names lists them (ReLU: "mask", Dense: "x").
+    cache_attrs: tuple[str, ...] = ("cache",)
+
+    def release_cache(self) -> None:
+        """Drop what the last forward kept for backward (a backward after this is an error)."""
+        for name in self.cache_attrs:
+            if hasattr(self, name):
+                setattr(self, name, None)
+
+    def _saved(self, name: str = "cache"):
+        """What forward kept under ``name`` for backward; an error saying why when there is none."""
+        value = getattr(self, name, None)
+        if value is None:
+            raise RuntimeError(f"{self!r}.backward: nothing saved by a forward pass (backward runs once per forward; "
+                               "forward_only and release_cache keep nothing): call forward(x, training) first")
+        return value
+
+    def forward_only(self, x, training: bool = False):
+        """A forward pass that no backward will follow: the output, with no cache left on ``self``.
+
+        Evaluation, prediction and BatchNorm recalibration need only the output. A plain
+        ``forward`` keeps every layer's cache until the next one (a convolution's im2col
+        matrix is 9 x its input), so a network's evaluation would hold them all at once:
+        ``ece662_resnet`` held 19 GiB for 512 images. A container overrides this to drop each
+        child's cache as soon as the next child has its input, so memory peaks at one layer.
+        """
+        out = self.forward(x, training)
+        self.release_cache()
+        return out
+
     def __call__(self, x, training: bool = False):
         """``layer(x)`` is inference: ``forward(x, training=False)``, which changes no state.
 
@@ -140,6 +171,10 @@ class Container(Layer):
     params = property(lambda self: self._merged("params"), lambda self, v: None)
     grads = property(lambda self: self._merged("grads"), lambda self, v: None)
     buffers = property(lambda self: self._merged("buffers"), lambda self, v: None)
+
+    def release_cache(self) -> None:
+        for _, child in self.children():
+            child.release_cache()
 
     def astype(self, dtype):
         for _, child in self.children():

@@ -289,10 +289,36 @@ class Conv2D(Layer):
         out = W.reshape(self.out_channels, -1) @ cols  # (F, N*OH*OW)
         out = out.reshape(self.out_channels, n, oh, ow).transpose(1, 0, 2, 3)
         if "b" in self.params:
-            out = out + self.params["b"].reshape(1, -1, 1, 1)  # also makes it contiguous NCHW
+            # A new array, not a view; NumPy's ufuncs keep their input's memory order, so it stays laid out as
+            # the GEMM's (F, N, OH, OW) (an NCHW array that is not C-contiguous). Layers go by shape, not order.
+            out = out + self.params["b"].reshape(1, -1, 1, 1)
         else:
             out = get_array_module(out).ascontiguousarray(out)
         self.cache = (x.shape, cols)
+        return out
+
+    # forward_only builds the im2col matrix for a slice of the batch at a time, of at most this many bytes
+    # (at least one image): nothing is kept for backward, so the whole matrix need never exist at once.
+    # ece662_resnet's 64 -> 64 convolutions at 48 x 48 take 5.3 MB an image: slices of 12 images.
+    forward_only_cols_bytes = 64 * 2**20
+
+    def forward_only(self, x, training=False):
+        """forward's output, computed a slice of the batch at a time and keeping no cache."""
+        self._check(x)
+        n = x.shape[0]
+        kh, kw = self.kernel_size
+        oh, ow = self.output_shape(x.shape[2], x.shape[3])
+        per_image = self.in_channels * kh * kw * oh * ow * x.dtype.itemsize
+        step = max(1, int(self.forward_only_cols_bytes // per_image))
+        first = self.forward(x[:step], training)
+        if step >= n:
+            self.release_cache()
+            return first
+        out = get_array_module(first).empty((n,) + first.shape[1:], dtype=first.dtype)
+        out[:step] = first
+        for start in range(step, n, step):
+            out[start : start + step] = self.forward(x[start : start + step], training)
+        self.release_cache()
         return out
 
     def backward(self, dout):
@@ -300,7 +326,7 @@ class Conv2D(Layer):
 
         See the class docstring for the formulas.
         """
-        x_shape, cols = self.cache
+        x_shape, cols = self._saved()
         W = self.params["W"]
         f = self.out_channels
         g = dout.transpose(1, 0, 2, 3).reshape(f, -1)  # (F, N*OH*OW)

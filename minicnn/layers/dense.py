@@ -40,6 +40,8 @@ class Dense(Layer):
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}" + ("" if "b" in self.params else ", bias=False")
 
+    cache_attrs = ("x",)
+
     def forward(self, x, training=True):
         """out = x @ W + b; keeps x for backward."""
         if x.ndim != 2 or x.shape[1] != self.in_features:
@@ -52,7 +54,7 @@ class Dense(Layer):
 
     def backward(self, dout):
         """dout (N, D_out) -> dx = dout @ W^T; sets ``grads["W"]`` = x^T @ dout, ``grads["b"]`` = sum dout."""
-        self.grads["W"] = self.x.T @ dout
+        self.grads["W"] = self._saved("x").T @ dout
         if "b" in self.params:
             self.grads["b"] = dout.sum(axis=0)
         dx = dout @ self.params["W"].T
@@ -72,6 +74,8 @@ class Flatten(Layer):
     Backward: dx = dout.reshape(x.shape)
     """
 
+    cache_attrs = ("shape",)
+
     def forward(self, x, training=True):
         """out = x.reshape(N, -1)."""
         if x.ndim < 2:
@@ -81,4 +85,4 @@ class Flatten(Layer):
 
     def backward(self, dout):
         """dx = dout reshaped back to the input's shape."""
-        return dout.reshape(self.shape)
+        return dout.reshape(self._saved("shape"))

@@ -89,7 +89,7 @@ class _BatchNorm(Layer):
         dx = gamma / (m sqrt(var + eps)) (m dout - sum dout - xhat sum dout * xhat) after a
         training-mode forward, dout * gamma / sqrt(running_var + eps) after an evaluation one.
         """
-        batch_stats, xhat, inv_std = self.cache
+        batch_stats, xhat, inv_std = self._saved()
         dx, self.grads["gamma"], self.grads["beta"] = _backward(dout, xhat, inv_std, self.params["gamma"],
                                                                 batch_stats, self.axes, self.sum_of_products)
         self.cache = None
@@ -305,7 +305,7 @@ def recalibrate_batchnorm(model: Layer, x, batch_size: int = 256, seed: int = 0)
             for layer in norms:
                 layer.momentum = len(idx) / seen
             xb = to_array_module(x[x_xp.asarray(np.sort(idx))], model_xp, dtype=dtype)
-            model.forward(xb, training=True)
+            model.forward_only(xb, training=True)  # statistics only: no cache is kept
     finally:
         for layer, p in zip(dropouts, saved_p):
             layer.p = p

@@ -121,7 +121,7 @@ class MaxPool2D(_Pool2D):
     @kernels.gpu_fast_path(kernels.maxpool2d_backward)
     def backward(self, dout):
         """dout (N, C, OH, OW) -> dx (N, C, H, W): each window's dout goes to its arg-max, zero elsewhere."""
-        if self.cache[0] == "separable":
+        if self._saved()[0] == "separable":
             return self._backward_separable(dout)
         return self._backward_general(dout)
 
@@ -221,7 +221,7 @@ class AvgPool2D(_Pool2D):
     def backward(self, dout):
         """dout (N, C, OH, OW) -> dx (N, C, H, W): dout / (KH KW) added to every pixel of its window."""
         xp = get_array_module(dout)
-        x_shape, padded_shape = self.cache
+        x_shape, padded_shape = self._saved()
         share = dout * dout.dtype.type(1.0 / len(self._slices))
         dxpad = xp.zeros(padded_shape, dtype=dout.dtype)
         for sl in self._slices:
@@ -253,5 +253,5 @@ class GlobalAvgPool2D(Layer):
     def backward(self, dout):
         """dout (N, C) -> dx (N, C, H, W) = dout / (H W) broadcast over every pixel."""
         xp = get_array_module(dout)
-        n, c, h, w = self.cache
+        n, c, h, w = self._saved()
         return xp.broadcast_to((dout / (h * w))[:, :, None, None], (n, c, h, w)).copy()

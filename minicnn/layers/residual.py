@@ -51,10 +51,18 @@ class ResidualBlock(Container):
 
     def forward(self, x, training=True):
         """out = relu(main(x) + shortcut(x)); every sub-layer keeps its own cache."""
-        h = self.relu1.forward(self.bn1.forward(self.conv1.forward(x, training), training), training)
-        h = self.bn2.forward(self.conv2.forward(h, training), training)
-        s = self.proj_bn.forward(self.proj.forward(x, training), training) if self.projection else x
-        return self.relu_out.forward(h + s, training)
+        return self._apply(x, lambda layer, h: layer.forward(h, training))
+
+    def forward_only(self, x, training=False):
+        """The same output, each sub-layer releasing its cache once it has run (no backward follows)."""
+        return self._apply(x, lambda layer, h: layer.forward_only(h, training))
+
+    def _apply(self, x, run):
+        """The block's computation, calling ``run(layer, input)`` for each sub-layer."""
+        h = run(self.relu1, run(self.bn1, run(self.conv1, x)))
+        h = run(self.bn2, run(self.conv2, h))
+        s = run(self.proj_bn, run(self.proj, x)) if self.projection else x
+        return run(self.relu_out, h + s)
 
     def backward(self, dout):
         """dx = d(main branch)(g) + d(shortcut)(g), with g = dout * [out > 0]; fills the children's grads."""

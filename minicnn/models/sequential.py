@@ -75,6 +75,15 @@ class Sequential(Container):
             x = layer.forward(x, training)
         return x
 
+    def forward_only(self, x, training=False):
+        """The output of :meth:`forward`, releasing each layer's cache as soon as it has run (no backward follows).
+
+        Memory then peaks at the largest layer's working set instead of the sum of all of them.
+        """
+        for layer in self.layers:
+            x = layer.forward_only(x, training)
+        return x
+
     def backward(self, dout):
         """dL/d(logits) -> dL/dx, through every layer's backward in reverse order (fills ``grads``)."""
         for layer in reversed(self.layers):
@@ -91,7 +100,7 @@ class Sequential(Container):
         xp = module_of(self)
         for start in range(0, len(x), batch_size):
             xb = to_array_module(x[start : start + batch_size], xp, dtype=self.dtype)
-            outs.append(self.forward(xb, training=False))
+            outs.append(self.forward_only(xb))
         xp = get_array_module(outs[0]) if outs else np
         return xp.concatenate(outs) if outs else xp.zeros((0,))
 

@@ -1,0 +1,152 @@
+"""forward_only: the output of forward with no cache left behind, so evaluation memory peaks at one layer.
+
+A plain forward keeps on every layer what its backward needs; evaluation that used it held all of
+a network's caches at once (ece662_resnet: 19 GiB for 512 images, which killed a training run at its
+first validation). These tests check that every layer names its caches (nothing the size of the
+batch stays on it after forward_only), that the outputs are the same, and that the peak memory of a
+whole network's evaluation falls as it should.
+"""
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import minicnn
+from minicnn.losses import SoftmaxCrossEntropy
+from minicnn.optim import Adam
+from minicnn.training import Trainer
+
+
+def held_arrays(layer, path="layer"):
+    """(path, shape) of every array a layer (and its sub-layers) holds outside params, grads and buffers."""
+    found = []
+
+    def visit(value, where):
+        if isinstance(value, np.ndarray):
+            found.append((where, value.shape))
+        elif isinstance(value, (tuple, list)):
+            for i, v in enumerate(value):
+                visit(v, f"{where}[{i}]")
+
+    for name, value in vars(layer).items():
+        if name in ("params", "grads", "buffers", "_children"):
+            continue
+        visit(value, f"{path}.{name}")
+    for cname, child in layer.children():
+        found += held_arrays(child, f"{path}.{cname}")
+    return found
+
+
+def every_layer_kind():
+    """(layer, input shape): one of each public layer, with the shapes that take each code path."""
+    return [
+        (minicnn.Conv2D(2, 3, 3, padding=1), (4, 2, 6, 6)),
+        (minicnn.Conv2D(3, 2, 3, stride=2), (4, 3, 7, 7)),
+        (minicnn.BatchNorm2D(3), (4, 3, 5, 5)),
+        (minicnn.BatchNorm1D(5), (4, 5)),
+        (minicnn.ReLU(), (4, 3, 5, 5)),
+        (minicnn.LeakyReLU(0.1), (4, 3, 5, 5)),
+        (minicnn.Dropout(0.5), (4, 6)),
+        (minicnn.MaxPool2D(2), (4, 2, 6, 6)),
+        (minicnn.MaxPool2D(3, stride=2, padding=1), (4, 2, 7, 7)),
+        (minicnn.AvgPool2D(2), (4, 2, 6, 6)),
+        (minicnn.GlobalAvgPool2D(), (4, 2, 6, 6)),
+        (minicnn.Dense(6, 3), (4, 6)),
+        (minicnn.Flatten(), (4, 2, 3, 3)),
+        (minicnn.ResidualBlock(2, 2), (4, 2, 6, 6)),
+        (minicnn.ResidualBlock(2, 4, stride=2), (4, 2, 6, 6)),
+    ]
+
+
+@pytest.mark.parametrize("layer, shape", every_layer_kind(), ids=lambda v: repr(v) if not isinstance(v, tuple) else "")
+def test_forward_only_gives_forwards_output_and_leaves_no_array_behind(layer, shape):
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    for training in (False, True):
+        minicnn.seed(1)
+        expected = layer.forward(x, training)
+        minicnn.seed(1)  # Dropout draws the same mask
+        out = layer.forward_only(x, training)
+        np.testing.assert_array_equal(out, expected)
+        leftover = [(where, s) for where, s in held_arrays(layer) if s and s[0] == shape[0]]
+        assert not leftover, f"{layer!r} keeps batch-sized arrays after forward_only: {leftover}"
+
+
+def saved(layer):
+    """The non-empty cache attributes of a layer and its sub-layers."""
+    own = [f"{layer!r}.{a}" for a in layer.cache_attrs if getattr(layer, a, None) is not None]
+    return own + [s for _, child in layer.children() for s in saved(child)]
+
+
+@pytest.mark.parametrize("layer, shape", every_layer_kind(), ids=lambda v: repr(v) if not isinstance(v, tuple) else "")
+def test_a_training_forward_keeps_a_cache_that_release_cache_drops(layer, shape):
+    """The other half: the attributes a layer names are the ones that hold its cache."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    out = layer.forward(x, training=True)
+    assert saved(layer), f"{layer!r}: none of {layer.cache_attrs} is set by forward"
+    layer.release_cache()
+    assert saved(layer) == [] and not [h for h in held_arrays(layer) if h[1] and h[1][0] == shape[0]]
+    if not isinstance(layer, minicnn.Dropout):  # Dropout without a mask is the identity (evaluation)
+        with pytest.raises(RuntimeError, match=r"backward: nothing saved by a forward pass.*call forward"):
+            layer.backward(np.ones(out.shape, np.float32))
+
+
+@pytest.mark.parametrize("name", sorted(minicnn.MODELS))
+def test_every_zoo_network_evaluates_identically_without_caches(name):
+    model = minicnn.build_model(name)
+    x = np.random.default_rng(0).standard_normal((3, 1, 48, 48)).astype(np.float32)
+    expected = model.forward(x, training=False)
+    assert held_arrays(model)  # a plain forward keeps the caches backward needs
+    np.testing.assert_array_equal(model.forward_only(x), expected)
+    assert held_arrays(model) == []
+    np.testing.assert_array_equal(model.predict_logits(x), expected)
+
+
+def traced_peak(fn):
+    """Peak bytes NumPy allocated while ``fn`` ran (NumPy reports its buffers to tracemalloc)."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        fn()
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+def test_evaluation_memory_peaks_at_one_layer_not_the_whole_network():
+    """ece662_resnet's largest layer is a 64 -> 64 convolution at 48 x 48, whose im2col matrix is
+    N * 576 * 2304 floats; evaluation needs about one and a half of those, a forward keeping every
+    cache more than seven."""
+    minicnn.seed(0)
+    model = minicnn.build_model("ece662_resnet")
+    n = 8
+    x = np.random.default_rng(0).standard_normal((n, 1, 48, 48)).astype(np.float32)
+    one_im2col = n * 576 * 48 * 48 * 4
+    keeping = traced_peak(lambda: model.forward(x, training=False))
+    model.release_cache()
+    trainer = Trainer(model, Adam(model), SoftmaxCrossEntropy(), progress=False)
+    evaluating = traced_peak(lambda: trainer.evaluate(x, np.zeros(n, np.int64), batch_size=n))
+    # Measured: 7.6 and 1.4 such matrices.
+    assert keeping > 5 * one_im2col, keeping / one_im2col  # what evaluation used to cost
+    assert evaluating < 2 * one_im2col, evaluating / one_im2col
+    assert held_arrays(model) == []  # and nothing stays for the next epoch's training step to sit beside
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 7), c=st.integers(1, 3), f=st.integers(1, 4), size=st.integers(3, 8),
+       k=st.sampled_from([1, 3]), stride=st.integers(1, 2), padding=st.integers(0, 1),
+       budget_images=st.integers(1, 4))
+def test_a_convolution_evaluated_in_slices_of_the_batch_equals_one_forward(n, c, f, size, k, stride, padding,
+                                                                          budget_images):
+    """forward_only cuts the batch so that each slice's im2col matrix fits its byte budget."""
+    layer = minicnn.Conv2D(c, f, k, stride=stride, padding=padding)
+    x = np.random.default_rng(n * 10 + size).standard_normal((n, c, size, size)).astype(np.float32)
+    oh, ow = layer.output_shape(size, size)
+    layer.forward_only_cols_bytes = budget_images * c * k * k * oh * ow * 4  # slices of budget_images images
+    expected = layer.forward(x, training=False)
+    out = layer.forward_only(x)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+    assert layer.cache is None
