@@ -9,8 +9,9 @@ evaluates under ``torch.inference_mode()``.
 
 Each measurement runs in its own process (Linux only), which builds the network and random
 inputs, resets its peak resident set size (VmHWM) to the current one, evaluates ``--images``
-inputs in batches of ``--batch-size`` and reports how far the peak rose above the start. Prints a markdown table and
-writes JSON; the ratio is minicnn forward_only's peak / PyTorch's (below 1: minicnn needs less).
+inputs in batches of ``--batch-size`` and reports how far the peak rose above the start. Prints a
+markdown table and writes JSON; the ratio is minicnn forward_only's peak / PyTorch's (below 1:
+minicnn needs less).
 
     python benchmarks/bench_eval_memory.py                          # hw3_cnn, ece662_resnet, vgg_fer_slim
     python benchmarks/bench_eval_memory.py --models ece662_resnet --batch-size 512 --images 512
@@ -66,32 +67,28 @@ def measure(model_name: str, mode: str, batch_size: int, images: int) -> dict:
         net = torch_twin(model, torch).eval()
         xt = torch.from_numpy(x)
 
-        def run(start):
+        def run(start, stop):
             with torch.inference_mode():
-                return net(xt[start : start + batch_size]).numpy()
+                return net(xt[start:stop]).numpy()
     else:
-        def run(start):
-            xb = x[start : start + batch_size]
+        def run(start, stop):
+            xb = x[start:stop]
             return model.forward_only(xb) if mode == "forward_only" else model.forward(xb, training=False)
 
     # Warm up on two images (library initialisation, BLAS buffers), not a whole batch, whose peak is
     # the measurement itself.
-    warm = x[:2]
-    if mode == "torch":
-        with torch.inference_mode():
-            net(xt[:2])
-    else:
-        model.forward(warm, training=False)
-        model.release_cache()
+    run(0, 2)
+    model.release_cache()
     before = reset_peak_rss()
     t0 = time.perf_counter()
     checksum = 0.0
     for start in range(0, images, batch_size):
-        checksum += float(np.abs(run(start)).sum())  # the same network in every mode: the same sum
+        checksum += float(np.abs(run(start, start + batch_size)).sum())  # every mode: the same network, the same sum
     seconds = time.perf_counter() - t0
+    peak = peak_rss_bytes()
     return {"model": model_name, "mode": mode, "batch_size": batch_size, "images": images,
-            "peak_rise_gib": round((peak_rss_bytes() - before) / 2**30, 3),
-            "peak_rss_gib": round(peak_rss_bytes() / 2**30, 3), "seconds": round(seconds, 2), "checksum": checksum}
+            "peak_rise_gib": round((peak - before) / 2**30, 3), "peak_rss_gib": round(peak / 2**30, 3),
+            "seconds": round(seconds, 2), "checksum": checksum}
 
 
 def main(argv=None):

@@ -134,6 +134,20 @@ def test_evaluation_memory_peaks_at_one_layer_not_the_whole_network():
     assert held_arrays(model) == []  # and nothing stays for the next epoch's training step to sit beside
 
 
+def test_a_convolution_slices_its_batch_to_its_im2col_budget(monkeypatch):
+    """With a budget of one image, no whole-batch im2col matrix is ever built (the equality test above
+    cannot tell slicing from none)."""
+    layer = minicnn.Conv2D(64, 64, 3, padding=1, bias=False)
+    n = 8
+    x = np.random.default_rng(0).standard_normal((n, 64, 48, 48)).astype(np.float32)
+    one_im2col = n * 576 * 48 * 48 * 4
+    whole = traced_peak(lambda: layer.forward_only(x))
+    monkeypatch.setattr(minicnn.Conv2D, "forward_only_cols_bytes", one_im2col // n)
+    sliced = traced_peak(lambda: layer.forward_only(x))
+    assert whole > one_im2col  # 8 images fit the default 64 MB: one matrix
+    assert sliced < 0.5 * one_im2col, sliced / one_im2col  # the output (1/9 of it) and one image's matrix
+
+
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 7), c=st.integers(1, 3), f=st.integers(1, 4), size=st.integers(3, 8),
        k=st.sampled_from([1, 3]), stride=st.integers(1, 2), padding=st.integers(0, 1),
