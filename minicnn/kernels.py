@@ -22,12 +22,15 @@ Each kernel is declared once (:class:`Elementwise` or :class:`Raw`) with
   a minimal harness so that ``tests/test_kernels.py`` compiles every source
   with NVRTC on a machine without a GPU;
 * a NumPy transliteration of what the kernel computes
-  (:data:`TRANSLITERATIONS`), which the test stand-in for CuPy
-  (``tests/fakecupy.py``) runs in place of the launch, so that CI checks the
-  arguments, shapes and numbers of every fused path without a GPU.
+  (:data:`TRANSLITERATIONS`), the readable statement of what the kernel must
+  do.
 
-What only a GPU can prove (``benchmarks/gpu_suite.sh``): that the CUDA code
-computes what its transliteration computes, and how fast it is.
+Without a GPU, the test stand-in for CuPy (``tests/fakecupy.py``) compiles
+each CUDA source for the CPU (``tests/cuda_on_cpu.py``: the grid and block the
+caller asked for, barriers and shared memory honoured, writes outside an array
+caught) and checks every launch against the transliteration, so CI checks the
+arguments, shapes, indexing and numbers of every fused path. What only a GPU
+can prove (``benchmarks/gpu_suite.sh``): the GPU's rounding, and how fast it is.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ import numpy as np
 from .backend import get_array_module
 
 __all__ = ["gpu_fast_path", "use_fused", "fused_enabled", "TRANSLITERATIONS", "KERNELS", "compile_units",
-           "NVRTC_OPTIONS"]
+           "elementwise_source", "parse_elementwise_params", "NVRTC_OPTIONS"]
 
 _state = {"fused": True}
 TRANSLITERATIONS: dict = {}  # kernel name -> NumPy function with the kernel's calling convention
@@ -148,12 +151,58 @@ class Raw:
 _HARNESS_TYPES = {"float32": "float", "float64": "double", "int32": "int", "int64": "long long"}
 
 
+def parse_elementwise_params(spec: str) -> list[tuple[bool, str, str]]:
+    """``"T x, raw T mean, float64 eps"`` -> ``[(raw, type, name), ...]`` as CuPy reads an ElementwiseKernel's."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        words = part.split()
+        if len(words) not in (2, 3) or (len(words) == 3 and words[0] != "raw"):
+            raise ValueError(f"cannot parse element-wise kernel parameter {part!r} (expected '[raw] TYPE NAME')")
+        out.append((len(words) == 3, words[-2], words[-1]))
+    return out
+
+
+def elementwise_source(name: str, in_params: str, out_params: str, operation: str, ctype: str,
+                       arrays=()) -> tuple[str, list[tuple[str, bool, str]]]:
+    """An element-wise body as a self-contained ``__global__`` function, wrapped the way CuPy wraps it.
+
+    ``T`` is a typedef of ``ctype``; a non-raw parameter of type ``T``, or one
+    named in ``arrays`` (a concrete type given an array), is a reference to
+    its element ``i`` of a contiguous array of ``n`` elements (the operation
+    may omit its last ``;``, as CuPy adds one); a ``raw``
+    parameter is a pointer indexed freely; the others are scalars by value.
+    Returns ``(source, [(C type, is pointer, parameter name), ...])``, the
+    signature in order (``n`` last), for the NVRTC compile check and for
+    ``tests/cuda_on_cpu.py``, which runs the same source on the CPU.
+    """
+    params, signature, refs = [], [], []
+    for spec, is_out in ((in_params, False), (out_params, True)):
+        for raw, typ, pname in parse_elementwise_params(spec):
+            c = ctype if typ == "T" else _HARNESS_TYPES[typ]
+            if raw:
+                params.append(f"{'' if is_out else 'const '}{c}* __restrict__ {pname}")
+                signature.append((c, True, pname))
+            elif typ == "T" or pname in arrays:
+                params.append(f"{c}* __restrict__ {pname}_array")
+                signature.append((c, True, f"{pname}_array"))
+                refs.append(f"{'' if is_out else 'const '}{c}& {pname} = {pname}_array[i];")
+            else:
+                params.append(f"const {c} {pname}")
+                signature.append((c, False, pname))
+    signature.append(("long long", False, "n"))
+    src = (f"typedef {ctype} T;\n"
+           f"extern \"C\" __global__ void {name}({', '.join(params)}, const long long n) {{\n"
+           f"  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;"
+           f" i += (long long)blockDim.x * gridDim.x) {{\n    " + "\n    ".join(refs)
+           + f"\n    {operation.strip()};\n  }}\n}}\n")  # CuPy too ends the operation with a ';'
+    return src, signature
+
+
 def compile_units() -> list[tuple[str, str]]:
     """``(name, CUDA source)`` of every kernel, self-contained, for an NVRTC compile check.
 
-    Raw kernels are compiled as they are, for float and double. An element-wise
-    body is wrapped the way CuPy wraps it: ``T`` a typedef, each array parameter
-    a reference to its element ``i``, raw ones pointers, scalars by value.
+    Raw kernels are compiled as they are, for float and double; element-wise
+    bodies through :func:`elementwise_source`, for float and double.
     """
     units, seen = [], set()
     for name, k in KERNELS.items():
@@ -164,25 +213,7 @@ def compile_units() -> list[tuple[str, str]]:
             units += [(k.kernel_name(c), k.code(c)) for c in _DTYPES.values()]
             continue
         for ctype in _DTYPES.values():
-            params, refs = [], []
-            for spec, is_out in ((k.in_params, False), (k.out_params, True)):
-                for part in filter(None, (p.strip() for p in spec.split(","))):
-                    words = part.split()
-                    raw = words[0] == "raw"
-                    typ, pname = words[-2], words[-1]
-                    c = ctype if typ == "T" else _HARNESS_TYPES[typ]
-                    if raw:
-                        params.append(f"const {c}* __restrict__ {pname}")
-                    elif typ == "T" or pname in k.arrays:
-                        params.append(f"{c}* __restrict__ {pname}_array")
-                        refs.append(f"{'' if is_out else 'const '}{c}& {pname} = {pname}_array[i];")
-                    else:
-                        params.append(f"const {c} {pname}")
-            src = (f"typedef {ctype} T;\n"
-                   f"extern \"C\" __global__ void {name}({', '.join(params)}, const long long n) {{\n"
-                   f"  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;"
-                   f" i += (long long)blockDim.x * gridDim.x) {{\n    " + "\n    ".join(refs)
-                   + f"\n    {k.operation.strip()}\n  }}\n}}\n")
+            src, _ = elementwise_source(name, k.in_params, k.out_params, k.operation, ctype, k.arrays)
             units.append((f"{name}<{ctype}>", src))
     return units
 

@@ -20,16 +20,28 @@ uses, and is *stricter* than a plain NumPy alias in the ways that matter:
   data, transposes, basic slices) and ``empty`` allocations are free;
 * ``ElementwiseKernel`` and ``RawKernel`` check their arguments against the
   declared parameters (count, array or scalar, dtypes, shapes; for a raw
-  kernel the C signature parsed from the source) and then run the NumPy
-  transliteration registered for that kernel name (``EMULATIONS``, filled
-  from :data:`minicnn.kernels.TRANSLITERATIONS`), counted as one launch.
+  kernel the C signature parsed from the source), count one launch, and run
+  the kernel as ``MINICNN_STANDIN_KERNELS`` says:
 
-What it cannot prove: that the CUDA sources compute the right numbers (the
-NVRTC check only proves they compile; the transliterations are tested
-against the generic code), floating-point behaviour of the GPU, the real
-number of kernels CuPy launches for a routine (``einsum`` is counted as 3:
-two layout copies and a product), timings, memory limits, or asynchronous
-races. Those need ``benchmarks/gpu_suite.sh`` on a real GPU.
+  - ``cuda``: the kernel's own CUDA source, compiled for the CPU by
+    tests/cuda_on_cpu.py (blocks shuffled, barriers honoured, writes outside
+    an array caught);
+  - ``transliteration``: the NumPy transliteration registered for that
+    kernel name (``EMULATIONS``, filled from
+    :data:`minicnn.kernels.TRANSLITERATIONS`);
+  - ``both`` (the default where a C++ compiler is found, and what CI runs):
+    the CUDA source on the CPU, checked after every launch against the
+    transliteration run on copies of the arguments; a difference raises
+    :class:`KernelMismatch` naming the kernel and the argument;
+* ``empty`` and ``empty_like`` return poisoned memory (NaN, or the largest
+  integer), as CuPy's return whatever the memory held: code that reads an
+  element it never wrote gets a NaN instead of a lucky zero.
+
+What it cannot prove: floating-point behaviour of the GPU (``-ftz``, fused
+multiply-adds), the real number of kernels CuPy launches for a routine
+(``einsum`` is counted as 3: two layout copies and a product), timings,
+memory limits, or asynchronous races between launches. Those need
+``benchmarks/gpu_suite.sh`` on a real GPU.
 
 Use: ``install()`` puts this module in ``sys.modules["cupy"]`` (the test
 fixtures do it with ``monkeypatch``); ``ledger`` holds the records.
@@ -52,7 +64,8 @@ __version__ = "0.0-fakecupy"
 _HERE = os.path.abspath(__file__)
 
 # Names that are this stand-in's own test tools, not part of CuPy's API.
-TEST_ONLY = {"ledger", "Ledger", "install", "EMULATIONS", "TEST_ONLY", "counting", "is_fake", "DEVICE_COUNT"}
+TEST_ONLY = {"ledger", "Ledger", "install", "EMULATIONS", "TEST_ONLY", "counting", "is_fake", "DEVICE_COUNT",
+             "kernel_mode", "KernelMismatch", "KERNEL_MODES", "poison"}
 
 DEVICE_COUNT = 1  # what cuda.runtime.getDeviceCount() answers (tests set 0 to imitate "no GPU")
 
@@ -406,12 +419,23 @@ for _name in _VIEWS:
 einsum = _function("einsum", _np.einsum, launches=3)  # CuPy copies both operands to a transposed layout, then a GEMM
 
 
+def poison(a: _np.ndarray) -> _np.ndarray:
+    """Fill ``a`` with what uninitialised memory may hold: NaN, or the largest integer (False for bool)."""
+    if a.dtype.kind in "fc":
+        a.fill(_np.nan)
+    elif a.dtype.kind in "iu":
+        a.fill(_np.iinfo(a.dtype).max)
+    else:
+        a.fill(0)
+    return a
+
+
 def empty(shape, dtype=float, order="C"):
-    return ndarray(_np.empty(shape, dtype=dtype, order=order))
+    return ndarray(poison(_np.empty(shape, dtype=dtype, order=order)))
 
 
 def empty_like(prototype, dtype=None, order="K", subok=None, shape=None):
-    return ndarray(_np.empty_like(_unwrap(prototype), dtype=dtype, order=order, shape=shape))
+    return ndarray(poison(_np.empty_like(_unwrap(prototype), dtype=dtype, order=order, shape=shape)))
 
 
 def ascontiguousarray(a, dtype=None):
@@ -556,11 +580,92 @@ cuda = types.SimpleNamespace(
 
 # -- user kernels -------------------------------------------------------------------------------
 EMULATIONS: dict = {}  # kernel name -> NumPy transliteration (filled by install() from minicnn.kernels)
+KERNEL_MODES = ("both", "cuda", "transliteration")
 
 _PARAM = re.compile(r"^\s*(raw\s+)?([A-Za-z_][A-Za-z0-9_]*)\s+([A-Za-z_][A-Za-z0-9_]*)\s*$")
 _CTYPES = {"float": _np.float32, "double": _np.float64, "int": _np.int32, "long long": _np.int64,
            "unsigned char": _np.uint8, "bool": _np.bool_, "float32": _np.float32, "float64": _np.float64,
            "int32": _np.int32, "int64": _np.int64, "uint8": _np.uint8}
+_C_NAMES = {_np.dtype(_np.float32): "float", _np.dtype(_np.float64): "double"}
+
+
+class KernelMismatch(AssertionError):
+    """The CUDA source, run on the CPU, computed something else than the kernel's NumPy transliteration."""
+
+
+def kernel_mode() -> str:
+    """How user kernels run: ``$MINICNN_STANDIN_KERNELS``, else ``both`` where a C++ compiler is found."""
+    mode = os.environ.get("MINICNN_STANDIN_KERNELS")
+    if mode is None:
+        import cuda_on_cpu  # noqa: PLC0415  (tests/ is on the path wherever this module is)
+
+        try:
+            cuda_on_cpu.compiler()
+            return "both"
+        except cuda_on_cpu.CudaOnCpuUnavailable:
+            return "transliteration"
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"MINICNN_STANDIN_KERNELS must be one of {', '.join(KERNEL_MODES)}, got {mode!r}")
+    return mode
+
+
+_CPU_KERNELS: dict = {}
+_LAUNCH_SEED = [0]
+
+
+def _cpu_kernel(source, name, signature=None):
+    import cuda_on_cpu  # noqa: PLC0415
+
+    key = (source, name)
+    if key not in _CPU_KERNELS:
+        _CPU_KERNELS[key] = cuda_on_cpu.CpuKernel(source, name, signature)
+    return _CPU_KERNELS[key]
+
+
+def _copies(arrays):
+    """Copies of the arguments for the transliteration; an array passed twice stays one array."""
+    memo: dict = {}
+    return [memo.setdefault(id(a), a.copy()) if isinstance(a, _np.ndarray) else a for a in arrays]
+
+
+def _compare(kernel, names, cuda_values, reference_values):
+    for pname, got, want in zip(names, cuda_values, reference_values):
+        if not isinstance(got, _np.ndarray):
+            continue
+        if got.dtype.kind == "f":
+            # float32 (float64) rounding of the same formula, summed in another order in the reductions
+            rtol, atol = (1e-5, 1e-6) if got.dtype == _np.float32 else (1e-10, 1e-12)
+            finite = _np.abs(want[_np.isfinite(want)])
+            scale = float(finite.max()) if finite.size else 1.0
+            ok = _np.allclose(got, want, rtol=rtol, atol=atol * builtins.max(scale, 1.0), equal_nan=True)
+        else:
+            ok = _np.array_equal(got, want)
+        if not ok:
+            bad = _np.argwhere(~_np.isclose(got, want, equal_nan=True) if got.dtype.kind == "f" else got != want)
+            where = tuple(int(i) for i in bad[0]) if bad.size else ()
+            raise KernelMismatch(
+                f"fakecupy: kernel {kernel!r}: its CUDA source, run on the CPU, and its NumPy transliteration "
+                f"disagree on argument {pname!r} ({len(bad)} of {got.size} elements; first at {where}: "
+                f"CUDA {got[where]!r}, transliteration {want[where]!r}) (at {_where()})")
+
+
+def _run_user_kernel(name, names, arrays, run_cuda, launch=()):
+    """Run a kernel per :func:`kernel_mode` on the unwrapped ``arrays`` (updated in place).
+
+    ``launch``: what a raw kernel's transliteration takes before its arguments (grid, block).
+    """
+    mode = kernel_mode()
+    if mode == "transliteration":
+        _emulation(name)(*launch, *arrays)
+        return
+    reference = None
+    if mode == "both":
+        reference = _copies(arrays)
+        _emulation(name)(*launch, *reference)
+    _LAUNCH_SEED[0] += 1
+    run_cuda(_LAUNCH_SEED[0])
+    if reference is not None:
+        _compare(name, names, arrays, reference)
 
 
 def _parse_params(spec: str):
@@ -581,10 +686,11 @@ def _emulation(name):
 
 
 class ElementwiseKernel:
-    """``cupy.ElementwiseKernel``: checks the call against the parameters, runs the transliteration."""
+    """``cupy.ElementwiseKernel``: checks the call against the parameters, then runs the kernel (see the module)."""
 
     def __init__(self, in_params, out_params, operation, name="kernel", reduce_dims=True, preamble="",
                  no_return=False, return_tuple=False, loop_prep="", after_loop="", **kwargs):
+        self.in_spec, self.out_spec = in_params, out_params
         self.in_params, self.out_params = _parse_params(in_params), _parse_params(out_params)
         self.operation, self.name, self.preamble = operation, name, preamble
         self.no_return, self.return_tuple = no_return, return_tuple
@@ -610,42 +716,70 @@ class ElementwiseKernel:
                     shapes.append(a.shape)
             elif (raw, ctype, pname) in self.out_params:
                 raise TypeError(f"fakecupy: kernel {self.name!r} output {pname!r} must be a device array")
+        shape = ()
         if shapes:
             try:
-                _np.broadcast_shapes(*shapes)
+                shape = _np.broadcast_shapes(*shapes)
             except ValueError:
                 raise ValueError(f"fakecupy: kernel {self.name!r}: argument shapes {shapes} do not broadcast") from None
             out_shapes = [a.shape for (raw, _, _), a in zip(self.out_params, args[len(self.in_params):])
                           if type(a) is ndarray and not raw]
-            if builtins.any(s != _np.broadcast_shapes(*shapes) for s in out_shapes):
+            if builtins.any(s != shape for s in out_shapes):
                 raise ValueError(f"fakecupy: kernel {self.name!r}: outputs {out_shapes} are not of the broadcast "
-                                 f"shape {_np.broadcast_shapes(*shapes)}")
+                                 f"shape {shape}")
         ledger.launch(f"ElementwiseKernel {self.name}")
-        _emulation(self.name)(*[_unwrap(a) for a in args])
+        arrays = [_unwrap(a) for a in args]
+        _run_user_kernel(self.name, [p[2] for p in params], arrays,
+                         lambda seed: self._run_cuda(arrays, placeholders, shape, seed))
         outs = args[len(self.in_params):]
         if self.no_return:
             return None
         return outs[0] if len(outs) == 1 and not self.return_tuple else tuple(outs)
 
+    def _run_cuda(self, arrays, placeholders, shape, seed):
+        """The body in CuPy's harness (minicnn.kernels.elementwise_source), compiled and run on the CPU."""
+        from minicnn import kernels  # noqa: PLC0415
 
-_SIGNATURE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+([A-Za-z_][A-Za-z0-9_]*)\s*\(([^)]*)\)', re.S)
+        ctype = _C_NAMES.get(_np.dtype(placeholders.get("T", _np.float32)), "float")
+        params = self.in_params + self.out_params
+        as_arrays = {pname for (raw, typ, pname), a in zip(params, arrays)
+                     if not raw and typ != "T" and isinstance(a, _np.ndarray)}
+        source, signature = kernels.elementwise_source(self.name, self.in_spec, self.out_spec, self.operation,
+                                                       ctype, as_arrays)
+        n_out = len(params) - len(self.in_params)
+        passed, write_back = [], []
+        for k, ((raw, typ, pname), a) in enumerate(zip(params, arrays)):
+            is_out = k >= len(params) - n_out
+            if not isinstance(a, _np.ndarray):
+                passed.append(a)
+                continue
+            # CuPy indexes each non-raw array at i of the broadcast shape, and a raw one by its C-order index
+            view = a if raw or is_out or a.shape == shape else _np.broadcast_to(a, shape)
+            flat = _np.ascontiguousarray(view)
+            if is_out and not _np.shares_memory(flat, a):
+                write_back.append((a, flat))
+            passed.append(flat)
+        n = math.prod(shape)
+        if n:
+            block = 128
+            _cpu_kernel(source, self.name, signature)(((n + block - 1) // block,), (block,),
+                                                      [*passed, _np.int64(n)], seed=seed)
+        for a, flat in write_back:
+            a[...] = flat.reshape(a.shape)
 
 
 def _c_params(code: str, name: str):
-    for m in _SIGNATURE.finditer(code):
-        if m.group(1) == name:
-            out = []
-            for part in filter(None, (p.strip() for p in m.group(2).split(","))):
-                words = part.replace("*", " * ").replace("__restrict__", "").replace("const", "").split()
-                pointer = "*" in words
-                words = [w for w in words if w != "*"]
-                out.append((" ".join(words[:-1]), pointer, words[-1]))
-            return out
-    raise ValueError(f"fakecupy: no extern \"C\" __global__ function {name!r} in the kernel source")
+    """``[(C type, is pointer, name), ...]`` of the kernel's C signature (parsed as tests/cuda_on_cpu.py does)."""
+    import cuda_on_cpu  # noqa: PLC0415
+
+    try:
+        return cuda_on_cpu.raw_signature(code, name)
+    except ValueError as exc:
+        raise ValueError(f"fakecupy: {exc}") from None
 
 
 class RawKernel:
-    """``cupy.RawKernel``: checks the arguments against the C signature, runs the transliteration."""
+    """``cupy.RawKernel``: checks the arguments against the C signature, then runs the kernel (see the module)."""
 
     def __init__(self, code, name, options=(), backend="nvrtc", translate_cucomplex=False,
                  enable_cooperative_groups=False, jitify=False):
@@ -674,7 +808,14 @@ class RawKernel:
         if builtins.any(int(g) < 1 for g in grid) or builtins.any(int(b) < 1 for b in block) or math.prod(block) > 1024:
             raise ValueError(f"fakecupy: raw kernel {self.name!r}: bad launch grid {grid} block {block}")
         ledger.launch(f"RawKernel {self.name}")
-        _emulation(self.name)(tuple(int(g) for g in grid), tuple(int(b) for b in block), *[_unwrap(a) for a in args])
+        grid, block = tuple(int(g) for g in grid), tuple(int(b) for b in block)
+        arrays = [_unwrap(a) for a in args]
+        _run_user_kernel(self.name, [p[2] for p in self.params], arrays,
+                         lambda seed: self._run_cuda(grid, block, arrays, seed), launch=(grid, block))
+        return None
+
+    def _run_cuda(self, grid, block, arrays, seed):
+        _cpu_kernel(self.code, self.name)(grid, block, arrays, seed=seed)
 
 
 def fuse(*args, **kwargs):  # pragma: no cover - minicnn does not use cupy.fuse

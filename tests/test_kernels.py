@@ -2,8 +2,9 @@
 
 The fused-vs-generic tests take the ``cupy`` fixture: on a GPU they run the CUDA
 kernels against the generic array code on the same device arrays; without one they
-run the kernels' NumPy transliterations through the strict stand-in
-(tests/fakecupy.py), which checks every launch's arguments.
+run through the strict stand-in (tests/fakecupy.py), which checks every launch's
+arguments and runs the kernel's CUDA source compiled for the CPU, checked against
+its NumPy transliteration (``MINICNN_STANDIN_KERNELS``, tests/cuda_on_cpu.py).
 """
 from __future__ import annotations
 
