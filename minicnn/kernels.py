@@ -873,3 +873,100 @@ def affine_warp(x, inv_matrices):
     out = xp.empty_like(x)
     _affine_warp(xp, x.dtype, _grid(out.size), (x, m, out, *map(np.int32, (n, c, h, w))))
     return out
+
+
+# -- softmax cross-entropy: one thread per row forward, one launch backward ---------------------
+def _xent_rows_numpy(grid, block, z, y, w, p, a, row_loss, row_weight, n, k, smoothing, has_weights):
+    n, k, e = int(n), int(k), float(smoothing)
+    zz = z.reshape(n, k).astype(np.float64)
+    m = np.fmax.reduce(zz, axis=1, keepdims=True)  # fmax, as the kernel: a NaN score still makes the row NaN below
+    logp = zz - m - np.log(np.exp(zz - m).sum(axis=1, keepdims=True))
+    wk = w[:k].astype(np.float64) if has_weights else np.ones(k)
+    q = np.full((n, k), e / k)
+    q[np.arange(n), y] += 1.0 - e
+    ak = wk * q
+    p.reshape(n, k)[...] = np.exp(logp)
+    a.reshape(n, k)[...] = ak
+    row_loss[...] = -(ak * logp).sum(axis=1)
+    row_weight[...] = wk[y] if has_weights else 1
+
+
+_xent_rows = Raw("minicnn_softmax_xent_rows", r"""
+// One thread per row i (in double): m = max_c z_ic, logp_ic = z_ic - m - log sum_c exp(z_ic - m),
+// a_ic = w_c q_ic with q_ic = e / k + (1 - e) [c = y_i], row_loss_i = -sum_c a_ic logp_ic, row_weight_i = w_{y_i}.
+extern "C" __global__ void {NAME}(const {T}* z, const long long* y, const {T}* w, {T}* p, {T}* a, {T}* row_loss,
+                                  {T}* row_weight, const int n, const int k, const double smoothing,
+                                  const int has_weights) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)blockDim.x * gridDim.x) {
+    const {T}* zi = z + i * k;
+    double m = (double)zi[0];
+    for (int c = 1; c < k; ++c) m = fmax(m, (double)zi[c]);
+    double s = 0.0;
+    for (int c = 0; c < k; ++c) s += exp((double)zi[c] - m);
+    const double lse = log(s);
+    const long long yi = y[i];
+    double loss = 0.0;
+    for (int c = 0; c < k; ++c) {
+      const double logp = (double)zi[c] - m - lse;
+      const double ac = (has_weights ? (double)w[c] : 1.0) * (smoothing / k + (c == yi ? 1.0 - smoothing : 0.0));
+      loss -= ac * logp;
+      p[i * k + c] = ({T})exp(logp);
+      a[i * k + c] = ({T})ac;
+    }
+    row_loss[i] = ({T})loss;
+    row_weight[i] = has_weights ? w[yi] : ({T})1;
+  }
+}
+""", _xent_rows_numpy)
+
+
+def _xent_backward_numpy(p, a, total_array, total, use_array, k, dz):
+    k = int(k)
+    s = a.reshape(-1, k).sum(axis=1, keepdims=True)
+    t = total_array.reshape(-1)[0] if use_array else p.dtype.type(total)
+    dz.reshape(-1, k)[...] = (p.reshape(-1, k) * s - a.reshape(-1, k)) / t
+
+
+_xent_backward = Elementwise(
+    "minicnn_softmax_xent_backward",
+    "T p, raw T a, raw T total_array, float64 total, int32 use_array, int32 k", "T dz",
+    """
+    const long long row = i / k;
+    T s = 0;
+    for (int c = 0; c < k; ++c) s += a[row * k + c];
+    const T t = use_array ? total_array[0] : (T)total;
+    dz = (p * s - a[i]) / t;
+    """,
+    _xent_backward_numpy,
+)
+
+
+def softmax_cross_entropy(logits, labels, class_weights, label_smoothing):
+    """Fused :func:`minicnn.losses.softmax_cross_entropy`: the rows in one launch (in double), then the batch sums.
+
+    Returns the same ``(loss, (p, a, total))`` as the generic code; ``class_weights``
+    is None or a device array of K weights.
+    """
+    xp = get_array_module(logits)
+    z = xp.ascontiguousarray(logits)
+    n, k = z.shape
+    y = labels if labels.dtype == np.int64 else labels.astype(np.int64)
+    y = xp.ascontiguousarray(y)
+    w = z if class_weights is None else xp.ascontiguousarray(class_weights)  # z: never read without weights
+    p, a = xp.empty_like(z), xp.empty_like(z)
+    row_loss, row_weight = xp.empty((n,), dtype=z.dtype), xp.empty((n,), dtype=z.dtype)
+    _xent_rows(xp, z.dtype, _grid(n), (z, y, w, p, a, row_loss, row_weight, np.int32(n), np.int32(k),
+                                       np.float64(label_smoothing), np.int32(class_weights is not None)))
+    total = n if class_weights is None else row_weight.sum()
+    return row_loss.sum() / total, (p, a, total)
+
+
+def softmax_cross_entropy_backward(p, a, total):
+    """Fused :func:`minicnn.losses.softmax_cross_entropy_backward`: dz = (p * sum_k a_k - a) / W in one launch."""
+    xp = get_array_module(p)
+    dz = xp.empty_like(p)
+    use_array = not isinstance(total, (int, float))
+    _xent_backward(xp, p, a, total.reshape(1) if use_array else p, float(total) if not use_array else 0.0,
+                   int(use_array), p.shape[1], dz)
+    return dz

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import kernels
 from .backend import get_array_module
 
-__all__ = ["SoftmaxCrossEntropy", "MSELoss", "softmax", "log_softmax"]
+__all__ = ["SoftmaxCrossEntropy", "MSELoss", "softmax", "log_softmax", "softmax_cross_entropy",
+           "softmax_cross_entropy_backward"]
 
 
 def log_softmax(z):
@@ -98,26 +100,48 @@ class SoftmaxCrossEntropy:
         """loss = weighted mean over the batch of -sum_k w_k q_k log softmax(z)_k; keeps p for backward."""
         _check("SoftmaxCrossEntropy", logits, labels)
         xp = get_array_module(logits)
-        n, k = logits.shape
-        logp = log_softmax(logits)
-        q = xp.full((n, k), self.label_smoothing / k, dtype=logits.dtype)
-        q[xp.arange(n), labels] += 1.0 - self.label_smoothing
-        if self.class_weights is None:
-            a, total = q, n
-        else:
+        k = logits.shape[1]
+        w = None
+        if self.class_weights is not None:
             w = xp.asarray(self.class_weights, dtype=logits.dtype)
             if w.shape != (k,):
                 raise ValueError(f"SoftmaxCrossEntropy: expected {k} class weights, got shape {tuple(w.shape)}")
-            a, total = q * w, w[labels].sum()
-        self.cache = (xp.exp(logp), a, total)
-        return -(a * logp).sum() / total
+        loss, self.cache = softmax_cross_entropy(logits, labels, w, self.label_smoothing)
+        return loss
 
     __call__ = forward
 
     def backward(self):
         """dL/dz (N, K) = (p * sum_k a_k - a) / W for the last forward pass ((p - onehot(y)) / N plainly)."""
-        p, a, total = self.cache
-        return (p * a.sum(axis=1, keepdims=True) - a) / total
+        return softmax_cross_entropy_backward(*self.cache)
+
+
+# On CuPy: one kernel for the rows and two reductions forward, one kernel backward (minicnn/kernels.py).
+@kernels.gpu_fast_path(kernels.softmax_cross_entropy)
+def softmax_cross_entropy(logits, labels, class_weights, label_smoothing):
+    """``(loss, (p, a, W))``: the loss of :class:`SoftmaxCrossEntropy` and what its backward needs.
+
+    Shapes: logits z (N, K), labels y (N,), class_weights w (K,) or None -> loss (), p (N, K), a (N, K).
+
+    p = softmax(z), a_ik = w_k q_ik with q_ik = (1 - e) [k = y_i] + e / K, W = sum_i w_{y_i}
+    (N without weights), loss = -sum_ik a_ik log p_ik / W.
+    """
+    xp = get_array_module(logits)
+    n, k = logits.shape
+    logp = log_softmax(logits)
+    q = xp.full((n, k), label_smoothing / k, dtype=logits.dtype)
+    q[xp.arange(n), labels] += 1.0 - label_smoothing
+    if class_weights is None:
+        a, total = q, n
+    else:
+        a, total = q * class_weights, class_weights[labels].sum()
+    return -(a * logp).sum() / total, (xp.exp(logp), a, total)
+
+
+@kernels.gpu_fast_path(kernels.softmax_cross_entropy_backward)
+def softmax_cross_entropy_backward(p, a, total):
+    """dz (N, K) = (p * sum_k a_k - a) / W, from :func:`softmax_cross_entropy`'s ``(p, a, W)``."""
+    return (p * a.sum(axis=1, keepdims=True) - a) / total
 
 
 class MSELoss:

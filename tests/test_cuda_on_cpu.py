@@ -194,6 +194,11 @@ def _every_fused_path(cp, dtype, rng):
     kernels.maxpool2d_backward(pool, r(*pooled.shape))
     m = np.tile(np.array([0.9, 0.1, 0.5, -0.1, 0.9, -0.3]), (3, 1))
     kernels.affine_warp(x, cp.asarray(m))
+    logits, labels = r(9, 7) * 3, cp.asarray(rng.integers(0, 7, 9))
+    for weights, smoothing in ((None, 0.0), (cp.asarray(rng.uniform(0.5, 2.0, 7).astype(dtype)), 0.1)):
+        loss, cache = kernels.softmax_cross_entropy(logits, labels, weights, smoothing)
+        kernels.softmax_cross_entropy_backward(*cache)
+    kernels.softmax_cross_entropy(logits, labels.astype(np.int32), None, 0.2)
 
 
 def test_every_kernel_runs_its_cuda_source_on_the_cpu_against_its_transliteration(both):
@@ -223,6 +228,9 @@ MUTATIONS = [
     ("minicnn_adam", "sqrt(v) / (T)bias2_sqrt", "v / (T)bias2_sqrt"),
     ("minicnn_bn_apply", "const int ch = (int)((i / hw) % c);", "const int ch = (int)(i % c);"),
     ("minicnn_dropout", "u >= (float)p", "u > (float)p + 0.01f"),
+    ("minicnn_softmax_xent_rows", "(c == yi ? 1.0 - smoothing : 0.0)", "(c == yi ? 1.0 : 0.0)"),
+    ("minicnn_softmax_xent_rows", "s += exp((double)zi[c] - m);", "s += exp((double)zi[c]);"),
+    ("minicnn_softmax_xent_backward", "dz = (p * s - a[i]) / t;", "dz = (p * s - a[row * k]) / t;"),
 ]
 
 

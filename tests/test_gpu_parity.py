@@ -89,7 +89,9 @@ def test_residual_block_parity(cupy, stride):
 def test_losses_parity(cupy):
     rng = np.random.default_rng(3)
     z, y = rng.standard_normal((9, 7)).astype(np.float32), rng.integers(0, 7, 9)
-    for loss in (minicnn.SoftmaxCrossEntropy(label_smoothing=0.1), minicnn.MSELoss()):
+    weights = rng.uniform(0.5, 2.0, 7)
+    for loss in (minicnn.SoftmaxCrossEntropy(), minicnn.SoftmaxCrossEntropy(label_smoothing=0.1),
+                 minicnn.SoftmaxCrossEntropy(class_weights=weights, label_smoothing=0.2), minicnn.MSELoss()):
         v_c, g_c = loss.forward(z, y), loss.backward()
         v_g, g_g = loss.forward(cupy.asarray(z), cupy.asarray(y)), loss.backward()
         assert float(v_g) == pytest.approx(float(v_c), rel=1e-5)
