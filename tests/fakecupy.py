@@ -632,21 +632,21 @@ def _compare(kernel, names, cuda_values, reference_values):
     for pname, got, want in zip(names, cuda_values, reference_values):
         if not isinstance(got, _np.ndarray):
             continue
+        got, want = _np.atleast_1d(got), _np.atleast_1d(want)  # argwhere of a 0-d array has no index to report
         if got.dtype.kind == "f":
             # float32 (float64) rounding of the same formula, summed in another order in the reductions
             rtol, atol = (1e-5, 1e-6) if got.dtype == _np.float32 else (1e-10, 1e-12)
             finite = _np.abs(want[_np.isfinite(want)])
-            scale = float(finite.max()) if finite.size else 1.0
-            ok = _np.allclose(got, want, rtol=rtol, atol=atol * builtins.max(scale, 1.0), equal_nan=True)
+            scale = builtins.max(float(finite.max()) if finite.size else 1.0, 1.0)
+            bad = _np.argwhere(~_np.isclose(got, want, rtol=rtol, atol=atol * scale, equal_nan=True))
         else:
-            ok = _np.array_equal(got, want)
-        if not ok:
-            bad = _np.argwhere(~_np.isclose(got, want, equal_nan=True) if got.dtype.kind == "f" else got != want)
-            where = tuple(int(i) for i in bad[0]) if bad.size else ()
+            bad = _np.argwhere(got != want)
+        if bad.size:
+            where = tuple(int(i) for i in bad[0])
             raise KernelMismatch(
                 f"fakecupy: kernel {kernel!r}: its CUDA source, run on the CPU, and its NumPy transliteration "
                 f"disagree on argument {pname!r} ({len(bad)} of {got.size} elements; first at {where}: "
-                f"CUDA {got[where]!r}, transliteration {want[where]!r}) (at {_where()})")
+                f"CUDA {got[where]}, transliteration {want[where]}) (at {_where()})")
 
 
 def _run_user_kernel(name, names, arrays, run_cuda, launch=()):

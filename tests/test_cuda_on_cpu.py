@@ -290,6 +290,20 @@ def test_the_default_mode_runs_the_cuda_sources_where_a_compiler_is_found(monkey
 
 
 
+def test_a_mismatch_names_the_kernel_the_argument_and_the_first_differing_element():
+    want = np.arange(12, dtype=np.float32).reshape(3, 4)
+    got = want.copy()
+    got[1, 2] += 0.5
+    with pytest.raises(fakecupy.KernelMismatch, match=r"'k'.*argument 'out' \(1 of 12 elements; first at \(1, 2\): "
+                                                       r"CUDA 6\.5, transliteration 6\.0\)"):
+        fakecupy._compare("k", ["x", "out"], [want, got], [want, want])
+    with pytest.raises(fakecupy.KernelMismatch, match="argument 'total'"):
+        fakecupy._compare("k", ["total"], [np.array(1.0)], [np.array(2.0)])
+    fakecupy._compare("k", ["out", "n"], [want + 1e-6, 3], [want, 3])  # float32 rounding passes
+    with pytest.raises(fakecupy.KernelMismatch, match="argument 'arg'"):
+        fakecupy._compare("k", ["arg"], [np.array([1, 2], dtype=np.int32)], [np.array([1, 3], dtype=np.int32)])
+
+
 def test_readme_quotes_the_number_of_mutations_caught():
     from pathlib import Path  # noqa: PLC0415
 
