@@ -74,11 +74,13 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--limit", type=int, default=None, help="train on N images and project the epoch time")
     p.add_argument("--json", default=None)
+    p.add_argument("--tf32", choices=["off", "on"], default="off",
+                   help="TensorFloat-32 for float32 products and convolutions, pinned on both sides")
     args = p.parse_args(argv)
 
     import torch  # noqa: PLC0415
 
-    _, device, sync_ours, _ = setup(args.backend, torch)
+    _, device, sync_ours, _ = setup(args.backend, torch, tf32=args.tf32 == "on")
     ds = load_fer2013(args.data)
     train_ds, _ = stratified_split(ds.split("Training"), 0.1, seed=0)
     full_n = len(train_ds)

@@ -31,11 +31,13 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", default=None)
+    p.add_argument("--tf32", choices=["off", "on"], default="off",
+                   help="TensorFloat-32 for float32 products and convolutions, pinned on both sides")
     args = p.parse_args(argv)
 
     import torch  # noqa: PLC0415
 
-    _, device, sync_ours, sync_torch = setup(args.backend, torch)
+    _, device, sync_ours, sync_torch = setup(args.backend, torch, tf32=args.tf32 == "on")
     model = minicnn.build_model(args.model)
     twin = torch_twin(model, torch).to(device).train()
     rng = np.random.default_rng(0)

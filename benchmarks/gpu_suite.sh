@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for a CUDA machine: the GPU tests, the benchmarks and a short FER-2013 run on the real CuPy,
-# then a summary table and JSON. At most 10 minutes (each stage has its own time limit).
+# then a summary table and JSON. At most 10 minutes: the stages' own time limits add up to 570 s.
 #
 #   benchmarks/gpu_suite.sh OUT_DIR                 # from the checkout; needs CuPy, a GPU, pytest, hypothesis, torch
 #   FER2013_DATA=data/fer2013_subset benchmarks/gpu_suite.sh OUT_DIR   # + the FER-2013 stages
@@ -34,23 +34,33 @@ stage() {  # stage NAME SECONDS COMMAND...: run it with a time limit, log it, re
   echo "=== $name: rc $rc, $((SECONDS - start))s" | tee -a "$OUT/suite.log"
 }
 
-stage environment 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true; \
+stage environment 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true; \
   $PY -c 'import cupy, numpy, torch; print(\"cupy\", cupy.__version__, \"numpy\", numpy.__version__, \"torch\", torch.__version__); \
 print(cupy.cuda.runtime.getDeviceProperties(0)[\"name\"].decode()); import minicnn; minicnn.set_backend(\"cupy\"); print(\"minicnn cupy backend: ok\")'"
 # Every GPU-marked test on the real CuPy, the NVRTC compile check and the stand-in's API check against this CuPy.
-stage gpu_tests 200 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/test_gpu_parity.py \
+stage gpu_tests 180 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/test_gpu_parity.py \
   tests/test_kernels.py tests/test_optim.py tests/test_augment.py tests/test_backend.py tests/test_fakecupy.py \
   tests/test_cupy_cli.py --junitxml="$OUT/gpu_tests.xml" -o junit_family=xunit1
-stage train_step 75 "$PY" benchmarks/bench_train_step.py --backend cupy --models hw3_cnn hw3_dnn \
-  --batch-sizes 128 256 --inference --generic --repeats 20 --warmup 5 --json "$OUT/train_step_cupy.json"
-stage layers 40 "$PY" benchmarks/bench_layers.py --backend cupy --repeats 20 --json "$OUT/layers_cupy.json"
+# Training steps against PyTorch eager (cudnn.benchmark, TF32 off on both sides), with peaks of device memory:
+# the reports' small networks at three batch sizes (fused and generic), the deeper zoo at 128, and PyTorch under
+# torch.compile (inductor) at 128; the three reports are merged into one file (the device returns 8 files at most).
+stage train_step 70 "$PY" benchmarks/bench_train_step.py --backend cupy --models hw3_cnn hw3_dnn \
+  --batch-sizes 64 128 256 --inference --generic --tf32 off --repeats 20 --warmup 5 --json "$WORK/train_step_1.json"
+stage train_step_deep 45 "$PY" benchmarks/bench_train_step.py --backend cupy \
+  --models ece662_resnet vgg_fer_slim dlcv_cnn --batch-sizes 128 --inference --tf32 off --repeats 10 --warmup 3 \
+  --json "$WORK/train_step_2.json"
+stage train_step_compile 70 "$PY" benchmarks/bench_train_step.py --backend cupy --models hw3_cnn --batch-sizes 128 \
+  --torch-compile --tf32 off --repeats 20 --warmup 5 --json "$WORK/train_step_3.json"
+"$PY" benchmarks/gpu_summary.py --merge "$OUT/train_step_cupy.json" "$WORK"/train_step_[123].json \
+  | tee -a "$OUT/suite.log"
+stage layers 35 "$PY" benchmarks/bench_layers.py --backend cupy --repeats 20 --json "$OUT/layers_cupy.json"
 if [[ "${FER2013_DATA:-}" == *.tar.xz && -f "$FER2013_DATA" ]]; then  # packed by benchmarks/fer_subset.py
   mkdir -p "$WORK/fer2013" && tar -xJf "$FER2013_DATA" -C "$WORK/fer2013" && FER2013_DATA="$WORK/fer2013"
   echo "=== FER-2013 unpacked to $FER2013_DATA" | tee -a "$OUT/suite.log"
 fi
 if [ -n "${FER2013_DATA:-}" ] && [ -e "$FER2013_DATA" ]; then
-  stage epoch 60 "$PY" benchmarks/bench_epoch.py --backend cupy --data "$FER2013_DATA" --json "$OUT/epoch_cupy.json"
-  stage fer_train 150 "$PY" examples/fer2013/train.py --backend cupy --data "$FER2013_DATA" --epochs 3 \
+  stage epoch 50 "$PY" benchmarks/bench_epoch.py --backend cupy --data "$FER2013_DATA" --json "$OUT/epoch_cupy.json"
+  stage fer_train 100 "$PY" examples/fer2013/train.py --backend cupy --data "$FER2013_DATA" --epochs 3 \
     --out "$WORK/fer_run" --no-progress --schedule none
   [ -f "$WORK/fer_run/history.json" ] && cp "$WORK/fer_run/history.json" "$OUT/fer_history.json"
   [ -f "$WORK/fer_run/test_metrics.json" ] && cp "$WORK/fer_run/test_metrics.json" "$WORK/test_metrics.json"

@@ -2,9 +2,12 @@
 """The summary of ``benchmarks/gpu_suite.sh``: one table (summary.md) and one JSON (summary.json).
 
     python benchmarks/gpu_summary.py STAGES_TSV OUT_DIR [TEST_METRICS_JSON]
+    python benchmarks/gpu_summary.py --merge OUT_JSON TRAIN_STEP_JSON...   # one file of several bench runs
 
 Reads what the stages left in OUT_DIR (JUnit XML of the tests, the benchmarks' JSON,
 the FER-2013 run's history) and says for each stage whether it passed and what it measured.
+``--merge`` joins the rows of several ``minicnn bench`` JSON files into one (the
+device returns at most 8 files), keeping each run's precision and settings beside its rows.
 """
 from __future__ import annotations
 
@@ -21,8 +24,27 @@ def _read_json(path):
         return None
 
 
+def merge(out_path, paths):
+    """Join ``minicnn bench`` reports: the first one's environment, every run's rows, precision and settings."""
+    reports = [(p, _read_json(p)) for p in paths]
+    reports = [(p, r) for p, r in reports if r]
+    if not reports:
+        print(f"gpu_summary --merge: none of {list(map(str, paths))} holds a report; {out_path} not written")
+        return 1
+    merged = {"benchmark": "train_step", "environment": reports[0][1]["environment"], "runs": [], "rows": []}
+    for path, report in reports:
+        settings = {k: v for k, v in report.items() if k not in ("environment", "rows", "benchmark")}
+        merged["runs"].append({"file": Path(path).name, **settings})
+        merged["rows"] += [{**row, "precision": report.get("precision")} for row in report["rows"]]
+    Path(out_path).write_text(json.dumps(merged, indent=1))
+    print(f"merged {len(merged['rows'])} rows of {len(reports)} reports into {out_path}")
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--merge":
+        return merge(argv[1], argv[2:])
     stages_tsv, out = Path(argv[0]), Path(argv[1])
     metrics = _read_json(argv[2]) if len(argv) > 2 else None
     stages = []
@@ -42,8 +64,9 @@ def main(argv=None):
     step = _read_json(out / "train_step_cupy.json")
     if step:
         summary["gpu"] = step["environment"].get("gpu")
-        summary["train_step"] = [{k: r[k] for k in ("model", "mode", "batch", "minicnn_img_s", "torch_img_s", "ratio")}
-                                 for r in step["rows"]]
+        keys = ("model", "mode", "batch", "minicnn_img_s", "torch_img_s", "ratio", "minicnn_peak_mib", "torch_peak_mib",
+                "memory_ratio", "error")
+        summary["train_step"] = [{k: r[k] for k in keys if k in r} for r in step["rows"]]
     layers = _read_json(out / "layers_cupy.json")
     if layers:
         total = layers["rows"][-1]
@@ -67,9 +90,11 @@ def main(argv=None):
         lines += ["", f"tests: {t['tests']} run, {t['failures']} failed, {t['errors']} errors, {t['skipped']} skipped"]
         lines += [f"- FAILED {n}" for n in t["failed_names"]]
     if step:
-        lines += ["", "| model | mode | batch | minicnn img/s | torch img/s | ratio |", "|---|---|---:|---:|---:|---:|"]
-        lines += [f"| {r['model']} | {r['mode']} | {r['batch']} | {r['minicnn_img_s']} | {r['torch_img_s']} | "
-                  f"{r['ratio']} |" for r in summary["train_step"]]
+        lines += ["", "| model | mode | batch | minicnn img/s | torch img/s | ratio | minicnn MiB | torch MiB |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['model']} | {r['mode']} | {r['batch']} | {r['minicnn_img_s']} | "
+                  f"{r.get('torch_img_s', 'failed: ' + r.get('error', '?'))} | {r.get('ratio', '')} | "
+                  f"{r.get('minicnn_peak_mib', '')} | {r.get('torch_peak_mib', '')} |" for r in summary["train_step"]]
     if layers:
         s = summary["layers_sum_ms"]
         lines += ["", f"hw3_cnn layers, forward + backward summed: minicnn {s['minicnn']} ms, torch {s['torch']} ms "

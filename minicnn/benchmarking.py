@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -14,16 +16,22 @@ import numpy as np
 import minicnn
 
 __all__ = ["setup", "time_call", "summarize", "environment", "torch_twin", "TorchResidualBlock", "markdown_table",
-           "RESULTS_DIR", "default_json_path", "write_json"]
+           "RESULTS_DIR", "default_json_path", "write_json", "pin_tf32", "pool_peak_bytes", "torch_peak_bytes"]
 
 
-def setup(backend: str, torch, heap_allocator: bool = True):
+_PRECISION: dict = {}  # what pin_tf32 last put in force; environment() reports it
+
+
+def setup(backend: str, torch, heap_allocator: bool = True, tf32: bool = False):
     """Select the minicnn backend and PyTorch's device; return (xp, device, sync_minicnn, sync_torch).
 
     The sync functions wait for queued GPU work, so that timings measure it
-    (None on the CPU, where calls are synchronous).
+    (None on the CPU, where calls are synchronous). TensorFloat-32 is pinned
+    on both sides (:func:`pin_tf32`, off unless ``tf32``), and every report's
+    ``environment`` says what was in force.
     """
     xp = minicnn.set_backend(backend)
+    pin_tf32(torch, tf32, backend)
     if heap_allocator:
         minicnn.backend.use_heap_allocator()  # process-wide: PyTorch in this process gets it too
     minicnn.seed(0)
@@ -33,6 +41,73 @@ def setup(backend: str, torch, heap_allocator: bool = True):
     sync_ours = (lambda: xp.cuda.Stream.null.synchronize()) if backend == "cupy" else None
     sync_torch = torch.cuda.synchronize if device == "cuda" else None
     return xp, device, sync_ours, sync_torch
+
+
+def pin_tf32(torch, enabled: bool, backend: str) -> dict:
+    """Pin TensorFloat-32 for float32 matrix products and convolutions on both sides; return what is in force.
+
+    TF32 rounds the inputs of float32 products to 10 mantissa bits on the
+    tensor cores: several times faster on an H100, and less precise. PyTorch
+    lets cuDNN's convolutions use it by default while CuPy's cuBLAS products
+    do not, so a comparison must set both: ``enabled`` sets
+    ``torch.backends.cuda.matmul.allow_tf32`` and ``torch.backends.cudnn.allow_tf32``
+    and, on the CuPy backend, cuBLAS's float32 compute type (CuPy's
+    ``cupy._core.set_compute_type``: TF32, or its default, full float32).
+    The returned dict is read back from the libraries, for the JSON.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    state = {"tf32": enabled,
+             "torch.backends.cuda.matmul.allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+             "torch.backends.cudnn.allow_tf32": bool(torch.backends.cudnn.allow_tf32)}
+    if backend == "cupy":
+        from cupy._core import _routines_linalg as linalg  # noqa: PLC0415  (CuPy has no public switch)
+
+        linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT)
+        state["cupy float32 compute type"] = linalg.compute_type_to_str(linalg.get_compute_type(np.float32))
+    _PRECISION.clear()
+    _PRECISION.update(state)
+    return state
+
+
+def pool_peak_bytes(xp, run) -> dict:
+    """Device memory CuPy's pool holds after ``run()``, starting from its live arrays alone.
+
+    CuPy's default pool keeps freed blocks for reuse, so after ``free_all_blocks()``
+    and a run, ``total_bytes()`` is the memory the run needed at its peak (as
+    reserved, fragmentation included): the figure to set beside PyTorch's
+    ``max_memory_reserved``. ``used_bytes()`` is what live arrays still hold.
+    """
+    xp.cuda.Device().synchronize()
+    pool = xp.get_default_memory_pool()
+    pool.free_all_blocks()
+    run()
+    xp.cuda.Device().synchronize()
+    return {"reserved_bytes": int(pool.total_bytes()), "live_bytes_after": int(pool.used_bytes())}
+
+
+def torch_peak_bytes(torch, run) -> dict:
+    """PyTorch's peak device memory over ``run()``: reserved by its caching allocator, and allocated to tensors."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    return {"reserved_bytes": int(torch.cuda.max_memory_reserved()),
+            "allocated_bytes": int(torch.cuda.max_memory_allocated())}
+
+
+def _gpu_driver() -> str | None:
+    """The NVIDIA driver's version as nvidia-smi prints it (e.g. 580.159.04), or None."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
 def time_call(fn, repeats: int, warmup: int = 2, sync=None) -> list[float]:
@@ -66,6 +141,8 @@ def environment(torch=None) -> dict:
         "minicnn_backend": minicnn.get_backend(),
     }
     info["date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    if _PRECISION:
+        info["precision"] = dict(_PRECISION)
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             lines = cpuinfo.read().splitlines()
@@ -81,11 +158,16 @@ def environment(torch=None) -> dict:
         info["torch_threads"] = torch.get_num_threads()
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
+            info["torch_cuda"] = torch.version.cuda
+            info["cudnn"] = torch.backends.cudnn.version()
     if minicnn.get_backend() == "cupy":
         import cupy  # noqa: PLC0415
 
         info["cupy"] = cupy.__version__
         info["gpu"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        info["cuda_driver_api"] = cupy.cuda.runtime.driverGetVersion()  # e.g. 13000 for CUDA 13.0
+        info["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
+        info["gpu_driver"] = _gpu_driver()
     return info
 
 

@@ -43,6 +43,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -213,6 +214,8 @@ def _cache_dir() -> Path:
 
 
 _LOADED: dict = {}
+# A launch runs with the GIL released (ctypes), and each library's fibers live in its static memory: one at a time.
+_LAUNCH_LOCK = threading.Lock()
 
 
 def _build(unit: str) -> ctypes.CDLL:
@@ -289,7 +292,8 @@ class CpuKernel:
             else:
                 holders.append(_CTYPES[ctype](a.item() if isinstance(a, np.generic) else a))
         argv = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
-        status = self._lib.minicnn_launch(grid[0], block[0], int(seed), argv)
+        with _LAUNCH_LOCK:
+            status = self._lib.minicnn_launch(grid[0], block[0], int(seed), argv)
         for pname, a, buf in guarded:
             for side, zone in (("before", buf[:GUARD]), ("after", buf[GUARD + a.size:])):
                 fresh = np.full(GUARD, _guard_value(a.dtype), dtype=a.dtype)

@@ -92,3 +92,140 @@ def test_the_evaluation_memory_benchmark_measures_three_ways_that_compute_the_sa
     # 16 images: one 64 -> 64 im2col matrix is 85 MB; a forward keeping caches holds several at once.
     assert row["forward_gib"] > 2 * row["forward_only_gib"] > 0
     assert row["ratio_vs_torch"] == round(row["forward_only_gib"] / row["torch_gib"], 2)
+
+
+# -- minicnn bench (benchmarks/bench_train_step.py): both sides timed, TF32 pinned, peaks of memory ----------
+def test_the_train_step_benchmark_times_both_sides_pins_tf32_and_writes_json(tmp_path):
+    from minicnn.cli import bench  # noqa: PLC0415
+
+    out = tmp_path / "train_step.json"
+    torch.backends.cudnn.allow_tf32 = True  # PyTorch's own default: the benchmark must turn it off
+    assert bench.main(["--models", "hw3_dnn", "--batch-sizes", "8", "--repeats", "2", "--warmup", "1", "--inference",
+                       "--torch-compile", "--torch-compile-backend", "eager", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["precision"] == {"tf32": False, "torch.backends.cuda.matmul.allow_tf32": False,
+                                   "torch.backends.cudnn.allow_tf32": False}
+    assert not torch.backends.cudnn.allow_tf32
+    modes = [r["mode"] for r in report["rows"]]
+    assert modes == ["train", "inference", "train (torch.compile)", "inference (torch.compile)"]
+    for r in report["rows"]:
+        assert r["minicnn"]["repeats"] == 2 and r["torch"]["repeats"] == 2
+        assert r["ratio"] == pytest.approx(r["torch"]["median_s"] / r["minicnn"]["median_s"], rel=1e-2, abs=1e-3)
+    assert report["rows"][2]["peer"] == "torch.compile (eager)"
+    assert "minicnn_peak_mib" not in report["rows"][0]  # device memory is a GPU figure
+
+
+def test_a_peer_that_does_not_work_is_a_row_that_says_why(tmp_path):
+    from minicnn.cli import bench  # noqa: PLC0415
+
+    out = tmp_path / "train_step.json"
+    assert bench.main(["--models", "hw3_dnn", "--batch-sizes", "4", "--repeats", "1", "--warmup", "1",
+                       "--torch-compile", "--torch-compile-backend", "no_such_backend", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert "error" not in rows[0] and rows[0]["ratio"] > 0
+    assert "no_such_backend" in rows[1]["error"] and rows[1]["minicnn_img_s"] > 0
+
+
+class _FakePool:
+    """CuPy's memory pool as the peak reading sees it: blocks held, of which some are free."""
+
+    def __init__(self):
+        self.held, self.free, self.events = 100, 40, []
+
+    def free_all_blocks(self):
+        self.events.append("free_all_blocks")
+        self.held -= self.free
+        self.free = 0
+
+    def total_bytes(self):
+        return self.held
+
+    def used_bytes(self):
+        return self.held - self.free
+
+
+def test_the_peak_of_cupys_pool_is_read_after_emptying_its_free_blocks():
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from minicnn.benchmarking import pool_peak_bytes  # noqa: PLC0415
+
+    pool = _FakePool()
+    xp = SimpleNamespace(get_default_memory_pool=lambda: pool,
+                         cuda=SimpleNamespace(Device=lambda: SimpleNamespace(synchronize=lambda: None)))
+
+    def run():  # a step that needs 500 bytes at its peak, then frees them (the pool keeps them)
+        pool.events.append("run")
+        pool.held += 500
+        pool.free += 500
+
+    assert pool_peak_bytes(xp, run) == {"reserved_bytes": 560, "live_bytes_after": 60}
+    assert pool.events == ["free_all_blocks", "run"]
+
+
+def test_pytorchs_peak_is_reset_before_the_run_it_measures():
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from minicnn.benchmarking import torch_peak_bytes  # noqa: PLC0415
+
+    events = []
+    cuda = SimpleNamespace(synchronize=lambda: events.append("sync"), empty_cache=lambda: events.append("empty"),
+                           reset_peak_memory_stats=lambda: events.append("reset"),
+                           max_memory_reserved=lambda: 2048, max_memory_allocated=lambda: 1024)
+    got = torch_peak_bytes(SimpleNamespace(cuda=cuda), lambda: events.append("run"))
+    assert got == {"reserved_bytes": 2048, "allocated_bytes": 1024}
+    assert events.index("reset") < events.index("run") < len(events) - 1 and events[-1] == "sync"
+
+
+def test_tf32_is_pinned_in_cupys_cublas_too(monkeypatch):
+    """On the CuPy backend the float32 compute type of cuBLAS is set and read back (a fake CuPy module here)."""
+    import sys  # noqa: PLC0415
+    import types  # noqa: PLC0415
+
+    from minicnn.benchmarking import pin_tf32  # noqa: PLC0415
+
+    linalg = types.ModuleType("cupy._core._routines_linalg")
+    linalg.COMPUTE_TYPE_DEFAULT, linalg.COMPUTE_TYPE_TF32 = 1, 7
+    chosen = {}
+    linalg.set_compute_type = lambda dtype, kind: chosen.update({np.dtype(dtype): kind})
+    linalg.get_compute_type = lambda dtype: chosen[np.dtype(dtype)]
+    linalg.compute_type_to_str = {1: "COMPUTE_TYPE_DEFAULT", 7: "COMPUTE_TYPE_TF32"}.get
+    core = types.ModuleType("cupy._core")
+    core._routines_linalg = linalg
+    cupy = types.ModuleType("cupy")
+    cupy._core = core
+    for name, module in (("cupy", cupy), ("cupy._core", core), ("cupy._core._routines_linalg", linalg)):
+        monkeypatch.setitem(sys.modules, name, module)
+    try:
+        on = pin_tf32(torch, True, "cupy")
+        assert on["cupy float32 compute type"] == "COMPUTE_TYPE_TF32" and torch.backends.cudnn.allow_tf32
+        off = pin_tf32(torch, False, "cupy")
+        assert off["cupy float32 compute type"] == "COMPUTE_TYPE_DEFAULT" and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        pin_tf32(torch, False, "numpy")
+
+
+def test_the_gpu_summary_merges_the_train_step_reports_and_shows_failed_peers(tmp_path):
+    summary = _load_bench("gpu_summary")
+    env = {"gpu": "NVIDIA H100", "cupy": "14.2.0"}
+    eager = {"benchmark": "train_step", "environment": env, "precision": {"tf32": False}, "repeats": 20,
+             "rows": [{"model": "hw3_cnn", "mode": "train", "batch": 128, "minicnn_img_s": 9000.0,
+                       "torch_img_s": 12000.0, "ratio": 0.75, "minicnn_peak_mib": 900.0, "torch_peak_mib": 600.0,
+                       "memory_ratio": 1.5}]}
+    compiled = {"benchmark": "train_step", "environment": env, "precision": {"tf32": False}, "repeats": 20,
+                "rows": [{"model": "hw3_cnn", "mode": "train (torch.compile)", "batch": 128, "minicnn_img_s": 9100.0,
+                          "error": "BackendCompilerFailed: no triton"}]}
+    (tmp_path / "a.json").write_text(json.dumps(eager))
+    (tmp_path / "b.json").write_text(json.dumps(compiled))
+    out = tmp_path / "out"
+    out.mkdir()
+    assert summary.main(["--merge", str(out / "train_step_cupy.json"), str(tmp_path / "a.json"),
+                         str(tmp_path / "b.json"), str(tmp_path / "missing.json")]) == 0
+    merged = json.loads((out / "train_step_cupy.json").read_text())
+    assert [r["mode"] for r in merged["rows"]] == ["train", "train (torch.compile)"]
+    assert merged["runs"][1] == {"file": "b.json", "precision": {"tf32": False}, "repeats": 20}
+    (tmp_path / "stages.tsv").write_text("train_step\t0\t41\ntrain_step_compile\t0\t63\n")
+    assert summary.main([str(tmp_path / "stages.tsv"), str(out)]) == 0
+    text = (out / "summary.md").read_text()
+    assert "| hw3_cnn | train | 128 | 9000.0 | 12000.0 | 0.75 | 900.0 | 600.0 |" in text
+    assert "failed: BackendCompilerFailed: no triton" in text
+    assert summary.main(["--merge", str(out / "x.json"), str(tmp_path / "missing.json")]) == 1

@@ -8,6 +8,13 @@ and the minicnn / PyTorch ratio, and writes JSON with the environment.
     minicnn bench --models hw3_cnn hw3_dnn --batch-sizes 64 128 256
     minicnn bench --backend cupy                                # CuPy vs PyTorch CUDA
     minicnn bench --backend cupy --generic                      # + minicnn without its fused kernels
+    minicnn bench --backend cupy --torch-compile                # + PyTorch under torch.compile
+
+Timing: ``--warmup`` untimed steps, then ``--repeats`` steps each timed alone,
+synchronised with the device on both sides; the table gives medians. TF32 is
+pinned on both sides (``--tf32``, default off: full float32, as NumPy computes)
+and stated in the output. On a GPU each row also gives the peak device memory
+of a few steps: what CuPy's pool reserved beside PyTorch's ``max_memory_reserved``.
 
 ``python benchmarks/bench_train_step.py`` is the same command. PyTorch is the peer: install it
 (CPU build: see README) to get the comparison.
@@ -15,6 +22,7 @@ and the minicnn / PyTorch ratio, and writes JSON with the environment.
 from __future__ import annotations
 
 import argparse
+import time
 
 import numpy as np
 
@@ -22,11 +30,16 @@ import minicnn
 from minicnn import kernels
 from minicnn.optim import Adam
 
-from ..benchmarking import (default_json_path, environment, markdown_table, setup, summarize, time_call, torch_twin,
-                            write_json)
+from ..benchmarking import (default_json_path, environment, markdown_table, pool_peak_bytes, setup, summarize, time_call,
+                            torch_peak_bytes, torch_twin, write_json)
+
+MEMORY_STEPS = 3  # steps run (after the timing) to read the peak device memory
 
 
-def bench_minicnn(model, x, y, repeats, warmup, sync):
+def minicnn_step(model, x, y, train=True):
+    """One minicnn training step (or evaluation forward pass) as a function of no arguments."""
+    if not train:
+        return lambda: model.forward_only(x)
     loss_fn, opt = minicnn.SoftmaxCrossEntropy(), Adam(model, lr=1e-3)
 
     def step():
@@ -34,33 +47,80 @@ def bench_minicnn(model, x, y, repeats, warmup, sync):
         model.backward(loss_fn.backward())
         opt.step()
 
-    return time_call(step, repeats, warmup, sync)
+    return step
 
 
-def bench_minicnn_inference(model, x, repeats, warmup, sync):
-    return time_call(lambda: model.forward_only(x), repeats, warmup, sync)
-
-
-def bench_torch(torch, model, x, y, repeats, warmup, device, train=True):
+def torch_step(torch, model, x, y, device, train=True, compile_backend=None):
+    """The same step in PyTorch, on the twin of ``model``; under ``torch.compile`` when a backend is named."""
     net = torch_twin(model, torch).to(device)
     tx, ty = torch.from_numpy(minicnn.to_host(x)).to(device), torch.from_numpy(minicnn.to_host(y)).to(device)
+    net.train(train)
+    forward = torch.compile(net, backend=compile_backend) if compile_backend else net
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    sync = torch.cuda.synchronize if device == "cuda" else None
 
     def step():
         opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(net(tx), ty).backward()
+        torch.nn.functional.cross_entropy(forward(tx), ty).backward()
         opt.step()
 
     def infer():
         with torch.no_grad():
-            net(tx)
+            forward(tx)
 
-    if train:
-        net.train()
-        return time_call(step, repeats, warmup, sync)
-    net.eval()
-    return time_call(infer, repeats, warmup, sync)
+    return step if train else infer
+
+
+def measure(run, repeats, warmup, sync):
+    """``(summary, first_call_seconds)``: the first call timed alone (it compiles, where anything does)."""
+    t = time.perf_counter()
+    run()
+    if sync:
+        sync()
+    first = time.perf_counter() - t
+    return summarize(time_call(run, repeats, max(warmup - 1, 0), sync)), first
+
+
+def _mib(n):
+    return round(n / 2**20, 1)
+
+
+def bench_row(torch, args, name, b, mode, train, fused, device, sync, xp):
+    """Time one (model, batch, mode) for minicnn and its PyTorch peer; on a GPU read both peaks of memory."""
+    minicnn.seed(0)
+    model = minicnn.build_model(name)
+    rng = np.random.default_rng(0)
+    x = minicnn.to_device(rng.standard_normal((b, 1, 48, 48)).astype(np.float32))
+    y = minicnn.to_device(rng.integers(0, 7, b))
+    peer = f"torch.compile ({args.torch_compile_backend})" if mode.endswith("(torch.compile)") else "torch eager"
+    with kernels.use_fused(fused):
+        ours_run = minicnn_step(model, x, y, train)
+        o, _ = measure(ours_run, args.repeats, args.warmup, sync)
+    row = {"model": name, "mode": mode, "batch": b, "peer": peer}
+    try:
+        theirs_run = torch_step(torch, model, x, y, device, train,
+                                args.torch_compile_backend if peer != "torch eager" else None)
+        t, t_first = measure(theirs_run, args.repeats, args.warmup, sync_torch(torch, device))
+    except Exception as exc:  # noqa: BLE001  (torch.compile may not work on a machine: the row says why)
+        row.update({"minicnn_img_s": round(b / o["median_s"], 1), "minicnn_ms": round(1e3 * o["median_s"], 1),
+                    "minicnn": o, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
+        return row
+    row.update({"minicnn_img_s": round(b / o["median_s"], 1), "torch_img_s": round(b / t["median_s"], 1),
+                "ratio": round(t["median_s"] / o["median_s"], 3),
+                "minicnn_ms": round(1e3 * o["median_s"], 1), "torch_ms": round(1e3 * t["median_s"], 1),
+                "torch_first_call_s": round(t_first, 2), "minicnn": o, "torch": t})
+    if device == "cuda":
+        with kernels.use_fused(fused):
+            ours_mem = pool_peak_bytes(xp, lambda: [ours_run() for _ in range(MEMORY_STEPS)])
+        theirs_mem = torch_peak_bytes(torch, lambda: [theirs_run() for _ in range(MEMORY_STEPS)])
+        row.update({"minicnn_peak_mib": _mib(ours_mem["reserved_bytes"]),
+                    "torch_peak_mib": _mib(theirs_mem["reserved_bytes"]),
+                    "memory_ratio": round(ours_mem["reserved_bytes"] / max(theirs_mem["reserved_bytes"], 1), 2),
+                    "minicnn_memory": ours_mem, "torch_memory": theirs_mem})
+    return row
+
+
+def sync_torch(torch, device):
+    return torch.cuda.synchronize if device == "cuda" else None
 
 
 def main(argv=None):
@@ -73,6 +133,11 @@ def main(argv=None):
     p.add_argument("--inference", action="store_true", help="also time evaluation-mode forward passes")
     p.add_argument("--generic", action="store_true",
                    help="also time minicnn with its fused CuPy kernels off (minicnn.kernels.use_fused(False))")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="also time PyTorch under torch.compile (a row says why where it does not work)")
+    p.add_argument("--torch-compile-backend", default="inductor", help="torch.compile's backend (default inductor)")
+    p.add_argument("--tf32", choices=["off", "on"], default="off",
+                   help="TensorFloat-32 for float32 products and convolutions, pinned on both sides (default off)")
     p.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator settings alone")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--json", default=None, help="output JSON path (default runs/benchmarks/train_step_<backend>.json; the reference figures are benchmarks/results/*.json)")
@@ -82,40 +147,36 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    _, device, sync, _ = setup(args.backend, torch, heap_allocator=not args.default_malloc)
+    xp, device, sync, _ = setup(args.backend, torch, heap_allocator=not args.default_malloc, tf32=args.tf32 == "on")
+    precision = environment(torch)["precision"]
     rows = []
     for name in args.models:
         for b in args.batch_sizes:
-            model = minicnn.build_model(name)
-            rng = np.random.default_rng(0)
-            x = minicnn.to_device(rng.standard_normal((b, 1, 48, 48)).astype(np.float32))
-            y = minicnn.to_device(rng.integers(0, 7, b))
             modes = [("train", True, True)] + ([("inference", False, True)] if args.inference else [])
             if args.generic:
                 modes += [("train (generic)", True, False)] + (
                     [("inference (generic)", False, False)] if args.inference else [])
+            if args.torch_compile:
+                modes += [("train (torch.compile)", True, True)] + (
+                    [("inference (torch.compile)", False, True)] if args.inference else [])
             for mode, train, fused in modes:
-                with kernels.use_fused(fused):
-                    ours = (bench_minicnn(model, x, y, args.repeats, args.warmup, sync) if train
-                            else bench_minicnn_inference(model, x, args.repeats, args.warmup, sync))
-                theirs = bench_torch(torch, model, x, y, args.repeats, args.warmup, device, train)
-                o, t = summarize(ours), summarize(theirs)
-                row = {"model": name, "mode": mode, "batch": b,
-                       "minicnn_img_s": round(b / o["median_s"], 1), "torch_img_s": round(b / t["median_s"], 1),
-                       "ratio": round(t["median_s"] / o["median_s"], 3),
-                       "minicnn_ms": round(1e3 * o["median_s"], 1), "torch_ms": round(1e3 * t["median_s"], 1),
-                       "minicnn": o, "torch": t}
+                row = bench_row(torch, args, name, b, mode, train, fused, device, sync, xp)
                 rows.append(row)
                 print(f"{name} {mode} batch {b}: minicnn {row['minicnn_img_s']} img/s, "
-                      f"torch {row['torch_img_s']} img/s, ratio {row['ratio']}", flush=True)
+                      + (f"{row['peer']} failed: {row['error']}" if "error" in row else
+                         f"{row['peer']} {row['torch_img_s']} img/s, ratio {row['ratio']}"), flush=True)
     cols = ["model", "mode", "batch", "minicnn_img_s", "torch_img_s", "ratio", "minicnn_ms", "torch_ms"]
+    if device == "cuda":
+        cols += ["minicnn_peak_mib", "torch_peak_mib", "memory_ratio"]
     print()
-    print(f"minicnn ({args.backend}) vs PyTorch ({device}), float32, median of {args.repeats} steps; "
-          "ratio = minicnn throughput / PyTorch throughput")
+    print(f"minicnn ({args.backend}) vs PyTorch ({device}), float32, TF32 {args.tf32}, median of {args.repeats} "
+          f"steps after {args.warmup} warm-up; ratio = minicnn throughput / PyTorch throughput")
+    print(f"precision in force: {precision}")
     print(markdown_table(rows, cols))
     out = args.json or default_json_path(f"train_step_{args.backend}")
     write_json(out, {"benchmark": "train_step", "environment": environment(torch), "dtype": "float32",
-                     "heap_allocator": not args.default_malloc,
+                     "precision": precision, "heap_allocator": not args.default_malloc,
+                     "warmup": args.warmup, "repeats": args.repeats,
                      "optimizer": "Adam(1e-3)", "rows": rows})
     print(f"\nwrote {out}")
     return 0
