@@ -54,7 +54,6 @@ import contextlib
 import math
 import operator
 import os
-import re
 import sys
 import types
 
@@ -582,7 +581,6 @@ cuda = types.SimpleNamespace(
 EMULATIONS: dict = {}  # kernel name -> NumPy transliteration (filled by install() from minicnn.kernels)
 KERNEL_MODES = ("both", "cuda", "transliteration")
 
-_PARAM = re.compile(r"^\s*(raw\s+)?([A-Za-z_][A-Za-z0-9_]*)\s+([A-Za-z_][A-Za-z0-9_]*)\s*$")
 _CTYPES = {"float": _np.float32, "double": _np.float64, "int": _np.int32, "long long": _np.int64,
            "unsigned char": _np.uint8, "bool": _np.bool_, "float32": _np.float32, "float64": _np.float64,
            "int32": _np.int32, "int64": _np.int64, "uint8": _np.uint8}
@@ -669,13 +667,13 @@ def _run_user_kernel(name, names, arrays, run_cuda, launch=()):
 
 
 def _parse_params(spec: str):
-    params = []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        m = _PARAM.match(part)
-        if not m:
-            raise ValueError(f"fakecupy: cannot parse kernel parameter {part!r}")
-        params.append((bool(m.group(1)), m.group(2), m.group(3)))
-    return params
+    """``[(raw, type, name), ...]``, read as minicnn's NVRTC harness reads them (one parser for both)."""
+    from minicnn import kernels  # noqa: PLC0415
+
+    try:
+        return kernels.parse_elementwise_params(spec)
+    except ValueError as exc:
+        raise ValueError(f"fakecupy: {exc}") from None
 
 
 def _emulation(name):
@@ -746,10 +744,9 @@ class ElementwiseKernel:
                      if not raw and typ != "T" and isinstance(a, _np.ndarray)}
         source, signature = kernels.elementwise_source(self.name, self.in_spec, self.out_spec, self.operation,
                                                        ctype, as_arrays)
-        n_out = len(params) - len(self.in_params)
         passed, write_back = [], []
         for k, ((raw, typ, pname), a) in enumerate(zip(params, arrays)):
-            is_out = k >= len(params) - n_out
+            is_out = k >= len(self.in_params)
             if not isinstance(a, _np.ndarray):
                 passed.append(a)
                 continue

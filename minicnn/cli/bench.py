@@ -84,7 +84,7 @@ def _mib(n):
     return round(n / 2**20, 1)
 
 
-def bench_row(torch, args, name, b, mode, train, fused, device, sync, xp):
+def bench_row(torch, args, name, b, mode, train, fused, device, syncs, xp):
     """Time one (model, batch, mode) for minicnn and its PyTorch peer; on a GPU read both peaks of memory."""
     minicnn.seed(0)
     model = minicnn.build_model(name)
@@ -94,20 +94,18 @@ def bench_row(torch, args, name, b, mode, train, fused, device, sync, xp):
     peer = f"torch.compile ({args.torch_compile_backend})" if mode.endswith("(torch.compile)") else "torch eager"
     with kernels.use_fused(fused):
         ours_run = minicnn_step(model, x, y, train)
-        o, _ = measure(ours_run, args.repeats, args.warmup, sync)
-    row = {"model": name, "mode": mode, "batch": b, "peer": peer}
+        o, _ = measure(ours_run, args.repeats, args.warmup, syncs[0])
+    row = {"model": name, "mode": mode, "batch": b, "peer": peer, "minicnn_img_s": round(b / o["median_s"], 1),
+           "minicnn_ms": round(1e3 * o["median_s"], 1), "minicnn": o}
     try:
         theirs_run = torch_step(torch, model, x, y, device, train,
                                 args.torch_compile_backend if peer != "torch eager" else None)
-        t, t_first = measure(theirs_run, args.repeats, args.warmup, sync_torch(torch, device))
+        t, t_first = measure(theirs_run, args.repeats, args.warmup, syncs[1])
     except Exception as exc:  # noqa: BLE001  (torch.compile may not work on a machine: the row says why)
-        row.update({"minicnn_img_s": round(b / o["median_s"], 1), "minicnn_ms": round(1e3 * o["median_s"], 1),
-                    "minicnn": o, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         return row
-    row.update({"minicnn_img_s": round(b / o["median_s"], 1), "torch_img_s": round(b / t["median_s"], 1),
-                "ratio": round(t["median_s"] / o["median_s"], 3),
-                "minicnn_ms": round(1e3 * o["median_s"], 1), "torch_ms": round(1e3 * t["median_s"], 1),
-                "torch_first_call_s": round(t_first, 2), "minicnn": o, "torch": t})
+    row.update({"torch_img_s": round(b / t["median_s"], 1), "ratio": round(t["median_s"] / o["median_s"], 3),
+                "torch_ms": round(1e3 * t["median_s"], 1), "torch_first_call_s": round(t_first, 2), "torch": t})
     if device == "cuda":
         with kernels.use_fused(fused):
             ours_mem = pool_peak_bytes(xp, lambda: [ours_run() for _ in range(MEMORY_STEPS)])
@@ -117,10 +115,6 @@ def bench_row(torch, args, name, b, mode, train, fused, device, sync, xp):
                     "memory_ratio": round(ours_mem["reserved_bytes"] / max(theirs_mem["reserved_bytes"], 1), 2),
                     "minicnn_memory": ours_mem, "torch_memory": theirs_mem})
     return row
-
-
-def sync_torch(torch, device):
-    return torch.cuda.synchronize if device == "cuda" else None
 
 
 def main(argv=None):
@@ -147,7 +141,7 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    xp, device, sync, _ = setup(args.backend, torch, heap_allocator=not args.default_malloc, tf32=args.tf32 == "on")
+    xp, device, sync_ours, sync_torch = setup(args.backend, torch, heap_allocator=not args.default_malloc, tf32=args.tf32 == "on")
     precision = environment(torch)["precision"]
     rows = []
     for name in args.models:
@@ -160,7 +154,7 @@ def main(argv=None):
                 modes += [("train (torch.compile)", True, True)] + (
                     [("inference (torch.compile)", False, True)] if args.inference else [])
             for mode, train, fused in modes:
-                row = bench_row(torch, args, name, b, mode, train, fused, device, sync, xp)
+                row = bench_row(torch, args, name, b, mode, train, fused, device, (sync_ours, sync_torch), xp)
                 rows.append(row)
                 print(f"{name} {mode} batch {b}: minicnn {row['minicnn_img_s']} img/s, "
                       + (f"{row['peer']} failed: {row['error']}" if "error" in row else
