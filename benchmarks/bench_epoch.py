@@ -13,6 +13,10 @@ the measured img/s; the table says which.
 
     python benchmarks/bench_epoch.py --data ../shared/data/fer2013 --limit 5120
     python benchmarks/bench_epoch.py --data ../shared/data/fer2013 --backend cupy
+    python benchmarks/bench_epoch.py --data ../shared/data/fer2013 --backend cupy --cuda-graph   # + a graphed epoch
+
+``--cuda-graph`` adds a row: the same epoch with every full batch's step replayed as a
+CUDA graph (``Trainer(cuda_graph=True)``; the first two steps and the capture included).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import numpy as np  # noqa: E402
 import minicnn  # noqa: E402
 from common import default_json_path, environment, markdown_table, setup, torch_twin, write_json  # noqa: E402
 from minicnn.data import Augmenter, Normalizer, load_fer2013, stratified_split  # noqa: E402
+from minicnn.graphs import GraphedStep  # noqa: E402
 from minicnn.optim import Adam  # noqa: E402
 from minicnn.training import Trainer  # noqa: E402
 
@@ -76,7 +81,11 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--tf32", choices=["off", "on"], default="off",
                    help="TensorFloat-32 for float32 products and convolutions, pinned on both sides")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="also time the epoch with the step replayed as a CUDA graph (--backend cupy)")
     args = p.parse_args(argv)
+    if args.cuda_graph and args.backend != "cupy":
+        p.error("--cuda-graph needs --backend cupy")
 
     import torch  # noqa: PLC0415
 
@@ -90,18 +99,30 @@ def main(argv=None):
     y = train_ds.labels.astype(np.int64)
     n = len(y)
 
-    model = minicnn.build_model("hw3_cnn")
-    trainer = Trainer(model, Adam(model, lr=1e-3), augmenter=Augmenter(True, ROTATION, SHIFT, ZOOM, seed=0),
-                      batch_size=args.batch_size, progress=False, log_every=50)
     xd, yd = minicnn.to_device(x), minicnn.to_device(y)
-    trainer._reseed(0)
-    _, _, ours = trainer._epoch(xd, yd, 0, 1)  # the loop of train.py (it syncs at its end)
-    if sync_ours:
-        sync_ours()
+
+    def our_epoch(graph):
+        minicnn.seed(0)
+        model = minicnn.build_model("hw3_cnn")
+        optimizer = Adam(model, lr=1e-3)
+        trainer = Trainer(model, optimizer, augmenter=Augmenter(True, ROTATION, SHIFT, ZOOM, seed=0),
+                          batch_size=args.batch_size, progress=False, log_every=50)
+        if graph:  # what fit(cuda_graph=True) sets up
+            trainer.graphed_step = GraphedStep(trainer._eager_step, model, optimizer)
+        trainer._reseed(0)
+        _, _, secs = trainer._epoch(xd, yd, 0, 1)  # the loop of train.py (it syncs at its end)
+        if sync_ours:
+            sync_ours()
+        return secs
+
+    timed = [("minicnn " + args.backend, our_epoch(False))]
+    if args.cuda_graph:
+        timed.append((f"minicnn {args.backend}, CUDA graph", our_epoch(True)))
+    ours = timed[0][1]
     theirs = torch_epoch(torch, minicnn.build_model("hw3_cnn"), x, y, args.batch_size, device)
 
     rows = []
-    for name, secs in (("minicnn " + args.backend, ours), ("PyTorch " + device, theirs)):
+    for name, secs in (*timed, ("PyTorch " + device, theirs)):
         rows.append({"library": name, "images": n, "seconds": round(secs, 2), "img_s": round(n / secs, 1),
                      "full_epoch_s": round(full_n * secs / n, 1),
                      "measured": "full epoch" if n == full_n else f"projected from {n} images"})
@@ -111,7 +132,8 @@ def main(argv=None):
     print(markdown_table(rows, ["library", "images", "seconds", "img_s", "full_epoch_s", "measured"]))
     out = args.json or default_json_path(f"epoch_{args.backend}")
     write_json(out, {"benchmark": "epoch", "model": "hw3_cnn", "batch": args.batch_size, "dtype": "float32",
-                     "full_epoch_images": full_n, "ratio": ratio, "environment": environment(torch), "rows": rows})
+                     "full_epoch_images": full_n, "ratio": ratio, "environment": environment(torch), "rows": rows,
+                     **({"graph_ratio": theirs / timed[1][1]} if args.cuda_graph else {})})
     print(f"\nwrote {out}")
 
 

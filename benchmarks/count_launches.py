@@ -9,8 +9,9 @@ optionally the Trainer's per-step work around it (batch gather, HW3 augmentation
 running loss and accuracy). The same step is counted twice in one run: with
 ``minicnn.kernels.use_fused(False)`` (every operation written out, as before the
 kernels existed) and with the fused kernels. Prints a markdown table per layer kind,
-with the host syncs and host-device copies of the step (both should be 0), and
-writes JSON.
+with the host syncs and host-device copies of the step (both should be 0), then
+what the host still issues when the step is replayed as a CUDA graph
+(``minicnn.graphs``), and writes JSON.
 
     python benchmarks/count_launches.py                    # hw3_cnn, batch 128
     python benchmarks/count_launches.py --model hw3_dnn --trainer-step
@@ -33,6 +34,7 @@ import minicnn  # noqa: E402
 from common import default_json_path, markdown_table, write_json  # noqa: E402
 from minicnn import kernels  # noqa: E402
 from minicnn.data import Augmenter  # noqa: E402
+from minicnn.graphs import GraphedStep  # noqa: E402
 from minicnn.optim import Adam  # noqa: E402
 
 
@@ -87,6 +89,30 @@ def count_step(model_name, batch, fused, trainer_step):
     return parts, len(ledger.syncs), len(ledger.copies), ledger
 
 
+def count_graphed_step(model_name, batch):
+    """What the host issues for one step replayed as a CUDA graph (minicnn.graphs): launches, syncs, copies."""
+    minicnn.seed(0)
+    model = minicnn.build_model(model_name)
+    opt, loss_fn = Adam(model, lr=1e-3), minicnn.SoftmaxCrossEntropy()
+    rng = np.random.default_rng(0)
+    x = fakecupy.asarray(rng.standard_normal((batch, 1, 48, 48)).astype(np.float32))
+    y = fakecupy.asarray(rng.integers(0, 7, batch))
+
+    def eager(xb, yb):
+        loss = loss_fn.forward(model.forward(xb, training=True), yb)
+        model.backward(loss_fn.backward())
+        opt.step()
+        return (loss,)
+
+    graphed = GraphedStep(eager, model, opt)
+    with fakecupy.counting():
+        for _ in range(3):  # two eager warm-up steps, then the capture and its first replay
+            graphed(x, y)
+    with fakecupy.counting() as ledger:
+        graphed(x, y)
+    return ledger
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="hw3_cnn")
@@ -110,13 +136,20 @@ def main(argv=None):
     print(markdown_table(rows, ["part", "generic", "fused", "ratio"]))
     print(f"\nhost syncs per step: generic {g_syncs}, fused {f_syncs}; host-device copies per step: "
           f"generic {g_copies}, fused {f_copies}")
+    graph_ledger = count_graphed_step(args.model, args.batch_size)
+    graphed = {"launches": graph_ledger.n_launches, "by_operation": dict(graph_ledger.by_operation()),
+               "syncs": len(graph_ledger.syncs), "copies": [[d, n] for d, n, _ in graph_ledger.copies]}
+    print(f"replayed as a CUDA graph (minicnn.graphs): {graphed['launches']} launches per step issued by the host "
+          f"({', '.join(f'{n} {op}' for op, n in graphed['by_operation'].items())}), "
+          f"{graphed['syncs']} host syncs, {len(graphed['copies'])} host-device copy of "
+          f"{sum(n for _, n in graphed['copies'])} bytes (the optimiser's step values)")
     by_op = ledger.by_operation().most_common()
     out = args.json or default_json_path(f"launches_{args.model}")
     write_json(out, {"benchmark": "launches_per_step", "model": args.model, "batch": args.batch_size,
                      "trainer_step": args.trainer_step, "counted_by": "tests/fakecupy.py (no GPU)",
                      "rows": rows, "syncs": {"generic": g_syncs, "fused": f_syncs},
                      "copies": {"generic": g_copies, "fused": f_copies},
-                     "fused_by_operation": dict(by_op)})
+                     "fused_by_operation": dict(by_op), "graphed": graphed})
     print(f"wrote {out}")
 
 

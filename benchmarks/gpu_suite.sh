@@ -40,12 +40,14 @@ print(cupy.cuda.runtime.getDeviceProperties(0)[\"name\"].decode()); import minic
 # Every GPU-marked test on the real CuPy, the NVRTC compile check and the stand-in's API check against this CuPy.
 stage gpu_tests 170 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/test_gpu_parity.py \
   tests/test_kernels.py tests/test_optim.py tests/test_augment.py tests/test_backend.py tests/test_fakecupy.py \
-  tests/test_cupy_cli.py --junitxml="$OUT/gpu_tests.xml" -o junit_family=xunit1
+  tests/test_cupy_cli.py tests/test_graphs.py --junitxml="$OUT/gpu_tests.xml" -o junit_family=xunit1
 # Training steps against PyTorch eager (cudnn.benchmark, TF32 off on both sides), with peaks of device memory:
-# the reports' small networks at three batch sizes (fused and generic), the deeper zoo at 128, and PyTorch under
-# torch.compile (inductor) at 128; the three reports are merged into one file (the device returns 8 files at most).
+# the reports' small networks at three batch sizes (fused, generic and replayed as a CUDA graph), the deeper zoo
+# at 128, and PyTorch under torch.compile (inductor) at 128; the three reports are merged into one file (the
+# device returns 8 files at most).
 stage train_step 70 "$PY" benchmarks/bench_train_step.py --backend cupy --models hw3_cnn hw3_dnn \
-  --batch-sizes 64 128 256 --inference --generic --tf32 off --repeats 20 --warmup 5 --json "$WORK/train_step_1.json"
+  --batch-sizes 64 128 256 --inference --generic --cuda-graph --tf32 off --repeats 20 --warmup 5 \
+  --json "$WORK/train_step_1.json"
 stage train_step_deep 45 "$PY" benchmarks/bench_train_step.py --backend cupy \
   --models ece662_resnet vgg_fer_slim dlcv_cnn --batch-sizes 128 --inference --tf32 off --repeats 10 --warmup 3 \
   --json "$WORK/train_step_2.json"
@@ -59,7 +61,8 @@ if [[ "${FER2013_DATA:-}" == *.tar.xz && -f "$FER2013_DATA" ]]; then  # packed b
   echo "=== FER-2013 unpacked to $FER2013_DATA" | tee -a "$OUT/suite.log"
 fi
 if [ -n "${FER2013_DATA:-}" ] && [ -e "$FER2013_DATA" ]; then
-  stage epoch 50 "$PY" benchmarks/bench_epoch.py --backend cupy --data "$FER2013_DATA" --json "$OUT/epoch_cupy.json"
+  stage epoch 50 "$PY" benchmarks/bench_epoch.py --backend cupy --cuda-graph --data "$FER2013_DATA" \
+    --json "$OUT/epoch_cupy.json"
   stage fer_train 100 "$PY" examples/fer2013/train.py --backend cupy --data "$FER2013_DATA" --epochs 3 \
     --out "$WORK/fer_run" --no-progress --schedule none
   [ -f "$WORK/fer_run/history.json" ] && cp "$WORK/fer_run/history.json" "$OUT/fer_history.json"

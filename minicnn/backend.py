@@ -18,6 +18,8 @@ raises :class:`BackendUnavailableError` with the install command.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "seed",
     "get_seed",
     "random_state",
+    "using_random_state",
     "set_default_dtype",
     "get_default_dtype",
     "cupy_available",
@@ -247,6 +250,24 @@ def random_state(xp=None):
     if key not in _random_states:
         _random_states[key] = xp.random.RandomState(_state["seed"])
     return _random_states[key]
+
+
+@contextlib.contextmanager
+def using_random_state(xp, rng):
+    """Within the block, :func:`random_state` of backend ``xp`` returns ``rng``; afterwards the stream it replaced.
+
+    For :class:`minicnn.graphs.GraphedStep`, whose capture hands the step's draws fixed buffers.
+    """
+    key = xp.__name__
+    saved = _random_states.get(key)
+    _random_states[key] = rng
+    try:
+        yield rng
+    finally:
+        if saved is None:
+            _random_states.pop(key, None)
+        else:
+            _random_states[key] = saved
 
 
 def use_heap_allocator() -> bool:

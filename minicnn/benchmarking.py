@@ -70,20 +70,25 @@ def pin_tf32(torch, enabled: bool, backend: str) -> dict:
     return state
 
 
-def pool_peak_bytes(xp, run) -> dict:
+def pool_peak_bytes(xp, run, extra_pools=()) -> dict:
     """Device memory CuPy's pool holds after ``run()``, starting from its live arrays alone.
 
     CuPy's default pool keeps freed blocks for reuse, so after ``free_all_blocks()``
     and a run, ``total_bytes()`` is the memory the run needed at its peak (as
     reserved, fragmentation included): the figure to set beside PyTorch's
     ``max_memory_reserved``. ``used_bytes()`` is what live arrays still hold.
+    ``extra_pools``: other pools whose memory the run holds (a CUDA graph's private
+    pool, :mod:`minicnn.graphs`), added to both figures after the run.
     """
     xp.cuda.Device().synchronize()
     pool = xp.get_default_memory_pool()
     pool.free_all_blocks()
     run()
     xp.cuda.Device().synchronize()
-    return {"reserved_bytes": int(pool.total_bytes()), "live_bytes_after": int(pool.used_bytes())}
+    extra = [p for p in extra_pools if p is not None]
+    return {"reserved_bytes": int(pool.total_bytes()) + sum(int(p.total_bytes()) for p in extra),
+            "live_bytes_after": int(pool.used_bytes()) + sum(int(p.used_bytes()) for p in extra),
+            "private_pool_bytes": sum(int(p.total_bytes()) for p in extra)}
 
 
 def torch_peak_bytes(torch, run) -> dict:

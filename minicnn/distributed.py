@@ -417,6 +417,9 @@ class DistributedTrainer(Trainer):
     """
 
     def __init__(self, *args, comm: Communicator | None = None, sync_batchnorm: bool = False, **kwargs):
+        if kwargs.get("cuda_graph"):
+            raise ValueError("DistributedTrainer: cuda_graph is not supported: the gradient allreduce of each step "
+                             "is an MPI call from the host, which a CUDA graph cannot replay")
         super().__init__(*args, **kwargs)
         self.comm = comm if comm is not None else world()
         if self.batch_size < self.comm.size:

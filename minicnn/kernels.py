@@ -125,6 +125,36 @@ class Elementwise:
             self.in_params, self.out_params, self.operation, self.name))
         return kernel(*args)
 
+    def with_device_scalars(self, names):
+        """The same kernel reading the ``float64`` scalars ``names`` from a device array ``hyper``.
+
+        Why: a CUDA graph (:mod:`minicnn.graphs`) replays its kernels with the
+        arguments they were captured with, so a learning rate passed by value
+        would stay the one of the step that was captured. This variant takes
+        ``hyper`` (``raw float64``, after the other inputs), whose element ``j``
+        is ``names[j]``; the step writes the new values into it before each
+        replay. The body is this kernel's own, after one line per name
+        (``const double lr = hyper[0];``), so both compute the same numbers.
+        """
+        params = parse_elementwise_params(self.in_params)
+        missing = [n for n in names if (False, "float64", n) not in params]
+        if missing:
+            raise ValueError(f"{self.name}: {missing} are not float64 scalar parameters of {self.in_params!r}")
+        kept = [p for p in params if p[2] not in names]
+        in_params = ", ".join(f"{'raw ' if raw else ''}{typ} {pname}" for raw, typ, pname in kept)
+        in_params += ", raw float64 hyper"
+        prologue = "".join(f"const double {n} = hyper[{j}];\n    " for j, n in enumerate(names))
+        original = TRANSLITERATIONS[self.name]
+        n_kept = len(kept)
+
+        def transliteration(*args):
+            ins, hyper, outs = args[:n_kept], args[n_kept], args[n_kept + 1:]
+            values, given = dict(zip((p[2] for p in kept), ins)), {n: float(hyper[j]) for j, n in enumerate(names)}
+            return original(*[given[p[2]] if p[2] in given else values[p[2]] for p in params], *outs)
+
+        return Elementwise(f"{self.name}_device_scalars", in_params, self.out_params,
+                           prologue + self.operation.strip(), transliteration, self.arrays)
+
 
 class Raw:
     """A CuPy ``RawKernel`` per float dtype: ``source`` has ``{T}`` where the C type goes."""
@@ -262,13 +292,30 @@ _adam = Elementwise(
 )
 
 
-def adam_update(p, g, m, v, *, t, lr, betas, eps, weight_decay, decoupled):
-    """Fused Adam / AdamW step of one parameter (the generic formula is in minicnn.optim.optimizers)."""
+_adam_device = _adam.with_device_scalars(("step_size", "bias2_sqrt", "decay"))
+
+
+def adam_scalars(t, lr, betas, weight_decay, decoupled):
+    """``(step_size, bias2_sqrt, decay)`` of Adam's step number ``t``: what changes from step to step."""
+    beta1, beta2 = betas
+    decay = 1.0 - lr * weight_decay if decoupled else 1.0
+    return lr / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t), decay
+
+
+def adam_update(p, g, m, v, *, t, lr, betas, eps, weight_decay, decoupled, device_scalars=None):
+    """Fused Adam / AdamW step of one parameter (the generic formula is in minicnn.optim.optimizers).
+
+    ``device_scalars``: None, or a device array holding :func:`adam_scalars` (then ``t`` and ``lr``
+    are not read: the values come from the array when the kernel runs, as a CUDA graph needs).
+    """
     beta1, beta2 = betas
     l2 = 0.0 if decoupled else weight_decay
-    decay = 1.0 - lr * weight_decay if decoupled else 1.0
-    _adam(get_array_module(p), g, lr / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t), beta1, beta2, eps,
-          l2, decay, p, m, v)
+    xp = get_array_module(p)
+    if device_scalars is not None:
+        _adam_device(xp, g, beta1, beta2, eps, l2, device_scalars, p, m, v)
+        return
+    step_size, bias2_sqrt, decay = adam_scalars(t, lr, betas, weight_decay, decoupled)
+    _adam(xp, g, step_size, bias2_sqrt, beta1, beta2, eps, l2, decay, p, m, v)
 
 
 def _sgd_numpy(g, lr, l2, p):
@@ -308,11 +355,24 @@ _sgd_momentum = Elementwise(
 )
 
 
-def sgd_update(p, g, buf, *, first, lr, momentum, nesterov, weight_decay, dampening):
-    """Fused SGD step of one parameter (``buf`` None without momentum)."""
+_sgd_device = _sgd.with_device_scalars(("lr",))
+_sgd_momentum_device = _sgd_momentum.with_device_scalars(("lr",))
+
+
+def sgd_update(p, g, buf, *, first, lr, momentum, nesterov, weight_decay, dampening, device_scalars=None):
+    """Fused SGD step of one parameter (``buf`` None without momentum).
+
+    ``device_scalars``: None, or a device array ``[lr]`` read when the kernel runs (for a CUDA graph).
+    """
     xp = get_array_module(p)
     if buf is None:
-        _sgd(xp, g, lr, weight_decay, p)
+        if device_scalars is not None:
+            _sgd_device(xp, g, weight_decay, device_scalars, p)
+        else:
+            _sgd(xp, g, lr, weight_decay, p)
+    elif device_scalars is not None:
+        _sgd_momentum_device(xp, g, weight_decay, momentum, dampening, int(first), int(nesterov), device_scalars,
+                             p, buf)
     else:
         _sgd_momentum(xp, g, lr, weight_decay, momentum, dampening, int(first), int(nesterov), p, buf)
 
@@ -355,13 +415,21 @@ def _rmsprop_variant(centered, with_momentum):
 
 
 _rmsprop = {(c, mo): _rmsprop_variant(c, mo) for c in (False, True) for mo in (False, True)}
+_rmsprop_device = {key: kernel.with_device_scalars(("lr",)) for key, kernel in _rmsprop.items()}
 
 
-def rmsprop_update(p, g, s, a, b, *, lr, alpha, eps, weight_decay, momentum):
-    """Fused RMSprop step of one parameter (``a`` None unless centred, ``b`` None without momentum)."""
-    kernel = _rmsprop[(a is not None, b is not None)]
+def rmsprop_update(p, g, s, a, b, *, lr, alpha, eps, weight_decay, momentum, device_scalars=None):
+    """Fused RMSprop step of one parameter (``a`` None unless centred, ``b`` None without momentum).
+
+    ``device_scalars``: None, or a device array ``[lr]`` read when the kernel runs (for a CUDA graph).
+    """
+    key = (a is not None, b is not None)
     extra = [arr for arr in (a, b) if arr is not None]
-    kernel(get_array_module(p), g, lr, alpha, eps, weight_decay, momentum, p, s, *extra)
+    if device_scalars is not None:
+        _rmsprop_device[key](get_array_module(p), g, alpha, eps, weight_decay, momentum, device_scalars, p, s,
+                             *extra)
+    else:
+        _rmsprop[key](get_array_module(p), g, lr, alpha, eps, weight_decay, momentum, p, s, *extra)
 
 
 # -- activations and dropout: one launch forward, one backward --------------------------------

@@ -96,16 +96,32 @@ class SoftmaxCrossEntropy:
         self.class_weights = class_weights
         self.label_smoothing = float(label_smoothing)
 
+    @property
+    def class_weights(self):
+        return self._class_weights
+
+    @class_weights.setter
+    def class_weights(self, value):
+        self._class_weights = value
+        self._weights_on_device = {}  # (array module, dtype) -> the weights there: copied once, not every step
+
+    def _weights(self, xp, dtype, k):
+        key = (xp.__name__, np.dtype(dtype))
+        if key not in self._weights_on_device:
+            w = xp.asarray(self.class_weights, dtype=dtype)
+            if w.shape != (k,):
+                raise ValueError(f"SoftmaxCrossEntropy: expected {k} class weights, got shape {tuple(w.shape)}")
+            self._weights_on_device = {key: w}
+        w = self._weights_on_device[key]
+        if w.shape != (k,):
+            raise ValueError(f"SoftmaxCrossEntropy: expected {k} class weights, got shape {tuple(w.shape)}")
+        return w
+
     def forward(self, logits, labels):
         """loss = weighted mean over the batch of -sum_k w_k q_k log softmax(z)_k; keeps p for backward."""
         _check("SoftmaxCrossEntropy", logits, labels)
         xp = get_array_module(logits)
-        k = logits.shape[1]
-        w = None
-        if self.class_weights is not None:
-            w = xp.asarray(self.class_weights, dtype=logits.dtype)
-            if w.shape != (k,):
-                raise ValueError(f"SoftmaxCrossEntropy: expected {k} class weights, got shape {tuple(w.shape)}")
+        w = None if self.class_weights is None else self._weights(xp, logits.dtype, logits.shape[1])
         loss, self.cache = softmax_cross_entropy(logits, labels, w, self.label_smoothing)
         return loss
 

@@ -35,12 +35,21 @@ uses, and is *stricter* than a plain NumPy alias in the ways that matter:
     :class:`KernelMismatch` naming the kernel and the argument;
 * ``empty`` and ``empty_like`` return poisoned memory (NaN, or the largest
   integer), as CuPy's return whatever the memory held: code that reads an
-  element it never wrote gets a NaN instead of a lucky zero.
+  element it never wrote gets a NaN instead of a lucky zero;
+* ``cuda.Stream.begin_capture`` / ``end_capture`` imitate CUDA stream capture
+  (for ``minicnn.graphs``): the operations issued meanwhile are recorded, not
+  run (memory from before keeps its contents, memory allocated meanwhile is
+  poisoned afterwards), and the graph's ``launch()`` reruns them on the same
+  memory with the same Python scalars and the random numbers drawn at capture;
+  a host sync, a host-device copy, an operation on another stream or an
+  allocation outside a private pool (``cuda.using_allocator``) is refused while
+  capturing (:class:`StreamCaptureError`).
 
 What it cannot prove: floating-point behaviour of the GPU (``-ftz``, fused
 multiply-adds), the real number of kernels CuPy launches for a routine
 (``einsum`` is counted as 3: two layout copies and a product), timings,
-memory limits, or asynchronous races between launches. Those need
+memory limits, asynchronous races between launches, or what a real capture
+also refuses inside CuPy's and cuBLAS's own routines. Those need
 ``benchmarks/gpu_suite.sh`` on a real GPU.
 
 Use: ``install()`` puts this module in ``sys.modules["cupy"]`` (the test
@@ -56,6 +65,7 @@ import operator
 import os
 import sys
 import types
+import weakref
 
 import numpy as _np
 
@@ -64,7 +74,7 @@ _HERE = os.path.abspath(__file__)
 
 # Names that are this stand-in's own test tools, not part of CuPy's API.
 TEST_ONLY = {"ledger", "Ledger", "install", "EMULATIONS", "TEST_ONLY", "counting", "is_fake", "DEVICE_COUNT",
-             "kernel_mode", "KernelMismatch", "KERNEL_MODES", "poison"}
+             "kernel_mode", "KernelMismatch", "KERNEL_MODES", "poison", "StreamCaptureError", "MemoryPool"}
 
 DEVICE_COUNT = 1  # what cuda.runtime.getDeviceCount() answers (tests set 0 to imitate "no GPU")
 
@@ -99,9 +109,11 @@ class Ledger:
         self.launches[(name, _where())] += n
 
     def sync(self, kind: str) -> None:
+        _refuse_while_capturing(f"a host sync ({kind})")
         self.syncs.append((kind, _where()))
 
     def copy(self, direction: str, nbytes: int) -> None:
+        _refuse_while_capturing(f"a {direction} copy")
         self.copies.append((direction, int(nbytes), _where()))
 
     def by_operation(self) -> collections.Counter:
@@ -165,9 +177,8 @@ def _binary(name, fn, reflected=False):
     def method(self, other):
         if isinstance(other, _np.ndarray):
             _refuse(f"'{name}' with a numpy.ndarray operand")
-        ledger.launch(name)
         o = _unwrap(other)
-        return _wrap(fn(o, self._a) if reflected else fn(self._a, o))
+        return _op(name, (lambda a, b: fn(b, a)) if reflected else fn, self._a, o)
     method.__name__ = f"__{name}__"
     return method
 
@@ -176,11 +187,48 @@ def _inplace(name, fn):
     def method(self, other):
         if isinstance(other, _np.ndarray):
             _refuse(f"'{name}' with a numpy.ndarray operand")
-        ledger.launch(name)
-        fn(self._a, _unwrap(other))
+        _op(name, fn, self._a, _unwrap(other))
         return self
     method.__name__ = f"__{name}__"
     return method
+
+
+def _flat(r) -> list:
+    """The arrays of an operation's result, in order (a NumPy scalar counts as a 0-d array)."""
+    if type(r) is ndarray:
+        return [r._a]
+    if isinstance(r, _np.ndarray):
+        return [r]
+    if isinstance(r, _np.generic):
+        return [_np.asarray(r)]
+    if isinstance(r, (tuple, list)):
+        return [a for item in r for a in _flat(item)]
+    return []
+
+
+def _op(name, fn, *args, launches=1, **kwargs):
+    """One device operation: ``fn`` on the NumPy arrays behind the operands, counted as ``launches`` launches.
+
+    While a stream captures (:meth:`_Stream.begin_capture`), it is also recorded as the graph will
+    replay it: ``fn`` again on the *same* memory (the arrays are held, so a replay reads what they
+    hold then) with the *same* Python scalars (a learning rate passed by value stays the captured
+    one, as in a CUDA graph), its result written into the memory the capture returned.
+    """
+    _check_capture_stream(name)
+    ledger.launch(name, launches)
+    # during a capture the operands may be garbage (memory allocated by the capture): no warnings about it
+    with _np.errstate(all="ignore") if _capture is not None else contextlib.nullcontext():
+        out = _wrap(fn(*args, **kwargs))
+    if _capture is not None:
+        targets = _flat(out)
+
+        def replay():
+            for target, value in zip(targets, _flat(fn(*args, **kwargs))):
+                if value is not target:
+                    _np.copyto(target, value)
+
+        _capture.ops.append((name, replay))
+    return out
 
 
 def _is_view(base: _np.ndarray, result: _np.ndarray) -> bool:
@@ -197,6 +245,7 @@ class ndarray:
         if type(a) is not _np.ndarray:
             raise TypeError("fakecupy.ndarray wraps a numpy.ndarray; use cupy.asarray to make one")
         self._a = a
+        _register(a)
 
     # NumPy must not see inside
     def __array__(self, *args, **kwargs):
@@ -292,22 +341,20 @@ class ndarray:
         k, advanced = self._key(key)
         r = self._a[k]
         if advanced or not _is_view(self._a, r):
-            ledger.launch("getitem (gather)")
-            r = _np.array(r)
+            return _op("getitem (gather)", lambda a, k: _np.array(a[k]), self._a, k)
         return _wrap(r)
 
     def __setitem__(self, key, value):
         if isinstance(value, _np.ndarray):
             _refuse("assigning a numpy.ndarray into a device array")
         k, _ = self._key(key)
-        ledger.launch("setitem")
-        self._a[k] = _unwrap(value)
+        _op("setitem", operator.setitem, self._a, k, _unwrap(value))
 
     # views and copies
     def reshape(self, *shape, order="C"):
         r = self._a.reshape(*shape, order=order)
         if not _is_view(self._a, r):
-            ledger.launch("reshape (copy)")
+            return _op("reshape (copy)", lambda a: a.reshape(*shape, order=order), self._a)
         return ndarray(r)
 
     def ravel(self, order="C"):
@@ -323,26 +370,31 @@ class ndarray:
         return ndarray(self._a.view(dtype))
 
     def copy(self, order="C"):
-        ledger.launch("copy")
-        return ndarray(self._a.copy(order=order))
+        return _op("copy", lambda a: a.copy(order=order), self._a)
 
     def flatten(self, order="C"):
-        ledger.launch("copy")
-        return ndarray(self._a.flatten(order=order))
+        return _op("copy", lambda a: a.flatten(order=order), self._a)
 
     def astype(self, dtype, order="K", casting=None, subok=None, copy=True):
         if not copy and _np.dtype(dtype) == self._a.dtype:
             return self
-        ledger.launch("astype")
-        return ndarray(self._a.astype(dtype, order=order, copy=True))
+        return _op("astype", lambda a: a.astype(dtype, order=order, copy=True), self._a)
 
     def fill(self, value):
-        ledger.launch("fill")
-        self._a.fill(value)
+        _op("fill", _np.ndarray.fill, self._a, value)
+
+    def set(self, arr, stream=None):
+        """Copy the host array ``arr`` into this one (CuPy asks for the same shape and dtype)."""
+        if not isinstance(arr, _np.ndarray):
+            raise TypeError(f"fakecupy: ndarray.set takes a numpy.ndarray, got {type(arr).__name__}")
+        if arr.shape != self._a.shape or arr.dtype != self._a.dtype:
+            raise ValueError(f"fakecupy: ndarray.set: shape/dtype mismatch: this array is {self._a.shape} "
+                             f"{self._a.dtype}, the host one {arr.shape} {arr.dtype}")
+        ledger.copy("H2D", arr.nbytes)
+        self._a[...] = arr
 
     def dot(self, b, out=None):
-        ledger.launch("dot")
-        return _wrap(self._a.dot(_unwrap(b), out=_unwrap(out)))
+        return _op("dot", lambda a, b, out: a.dot(b, out=out), self._a, _unwrap(b), _unwrap(out))
 
     def __dlpack__(self, *a, **k):  # pragma: no cover - not used by minicnn
         raise NotImplementedError("fakecupy has no DLPack")
@@ -350,9 +402,8 @@ class ndarray:
 
 def _reduction(name):
     def method(self, *args, **kwargs):
-        ledger.launch(name)
         kwargs = {k: _unwrap(v) for k, v in kwargs.items()}
-        return _wrap(getattr(self._a, name)(*args, **kwargs))
+        return _op(name, getattr(_np.ndarray, name), self._a, *args, **kwargs)
     method.__name__ = name
     return method
 
@@ -378,8 +429,7 @@ for _name, _fn in {"lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge"
     setattr(ndarray, f"__{_name}__", _binary(_name, _fn))
 for _name, _fn in {"neg": operator.neg, "pos": operator.pos, "abs": operator.abs, "invert": operator.invert}.items():
     def _unary(self, _fn=_fn, _name=_name):
-        ledger.launch(_name)
-        return _wrap(_fn(self._a))
+        return _op(_name, _fn, self._a)
     setattr(ndarray, f"__{_name}__", _unary)
 ndarray.__hash__ = None
 ndarray.__module__ = "cupy"  # get_array_module() recognises device arrays by their module
@@ -395,7 +445,7 @@ def _function(name, fn, launches=1, view=False):
         args = _unwrap(args, f"argument of cupy.{name}")
         kwargs = {k: _unwrap(v, f"argument {k}= of cupy.{name}") for k, v in kwargs.items()}
         if launches:
-            ledger.launch(name, launches)
+            return _op(name, fn, *args, launches=launches, **kwargs)
         return _wrap(fn(*args, **kwargs))
     f.__name__ = f.__qualname__ = name
     return f
@@ -441,16 +491,14 @@ def ascontiguousarray(a, dtype=None):
     src = _unwrap(a, "argument of cupy.ascontiguousarray")
     if src.flags.c_contiguous and (dtype is None or _np.dtype(dtype) == src.dtype):
         return a
-    ledger.launch("ascontiguousarray")
-    return ndarray(_np.ascontiguousarray(src, dtype=dtype))
+    return _op("ascontiguousarray", lambda a: _np.ascontiguousarray(a, dtype=dtype), src)
 
 
 def array(obj, dtype=None, copy=True, order="K", subok=False, ndmin=0, blocking=False):
     if type(obj) is ndarray:
         if not copy and (dtype is None or _np.dtype(dtype) == obj.dtype):
             return obj
-        ledger.launch("copy")
-        return ndarray(_np.array(obj._a, dtype=dtype, copy=True, order=order, ndmin=ndmin))
+        return _op("copy", lambda a: _np.array(a, dtype=dtype, copy=True, order=order, ndmin=ndmin), obj._a)
     if isinstance(obj, (list, tuple)) and builtins.any(type(i) is ndarray for i in obj):
         _refuse("cupy.array of a list holding device arrays (use cupy.stack)")
     host = _np.array(obj, dtype=dtype, copy=True, order=order, ndmin=ndmin)
@@ -502,8 +550,11 @@ class _RandomState:
         self._rs.seed(seed)
 
     def _draw(self, name, values, launches=1):
-        ledger.launch(f"random.{name}", launches)
-        return ndarray(_np.asarray(values))
+        # Captured in a graph, a draw is replayed with the numbers drawn at capture (as cuRAND's offset,
+        # advanced on the host, is baked into the captured kernel): the same numbers at every replay.
+        values = _np.asarray(values)
+        baked = values.copy()
+        return _op(f"random.{name}", lambda: baked.copy(), launches=launches)
 
     def rand(self, *size, dtype=float):
         return self._draw("rand", self._rs.random_sample(size).astype(dtype))
@@ -541,11 +592,6 @@ random = types.SimpleNamespace(RandomState=_RandomState)
 
 
 # -- cuda ---------------------------------------------------------------------------------------
-class _Stream:
-    def synchronize(self):
-        ledger.sync("Stream.synchronize")
-
-
 class _Device:
     def __init__(self, device=None):
         self.id = 0 if device is None else int(device)
@@ -566,14 +612,181 @@ def _get_device_count():
     return DEVICE_COUNT
 
 
+# -- streams, private memory pools and graph capture -------------------------------------------
+# What CUDA stream capture means, imitated: between begin_capture() and end_capture() the operations
+# issued on the capturing stream are recorded, not executed (memory that existed before the capture
+# is left as it was, and memory allocated during it holds garbage afterwards); the graph's launch()
+# replays them on the same memory with the same scalar arguments. A host sync or a host-device copy
+# during a capture is refused (CUDA invalidates the capture), as is an operation issued on another
+# stream (it would run at once instead of entering the graph) and an allocation from the default
+# memory pool (after the capture, the pool would hand the graph's memory to other arrays).
+class StreamCaptureError(CUDARuntimeError):
+    """What CUDA answers to an operation that a stream capture does not permit."""
+
+
+_live: dict = {}  # id(root array) -> weakref: every NumPy buffer behind a device array
+_capture = None  # the _Capture in progress, if any
+_allocator = None  # the allocator cuda.using_allocator() made current (None: the default pool)
+
+
+def _root(a: _np.ndarray) -> _np.ndarray:
+    while isinstance(a.base, _np.ndarray):
+        a = a.base
+    return a
+
+
+def _register(a: _np.ndarray) -> None:
+    root = _root(a)
+    key = id(root)
+    if key in _live:
+        return
+    if _capture is not None:
+        if _allocator is None:
+            raise StreamCaptureError(
+                f"fakecupy: an array of {root.nbytes} bytes allocated from the default memory pool while a stream "
+                f"captures (at {_where()}): after the capture that pool would give the graph's memory to other "
+                "arrays; allocate from a private pool (cupy.cuda.using_allocator(pool.malloc))")
+        pool = getattr(_allocator, "__self__", None)
+        if isinstance(pool, MemoryPool):
+            pool._used += root.nbytes
+    _live[key] = weakref.ref(root, lambda _, key=key: _live.pop(key, None))
+
+
+def _refuse_while_capturing(what: str) -> None:
+    if _capture is not None:
+        raise StreamCaptureError(f"fakecupy: {what} while a stream captures (at {_where()}): "
+                                 "cudaErrorStreamCaptureUnsupported; the capture is invalidated")
+
+
+def _check_capture_stream(name: str) -> None:
+    if _capture is not None and _current[-1] is not _capture.stream:
+        raise StreamCaptureError(f"fakecupy: {name!r} issued on another stream while a stream captures "
+                                 f"(at {_where()}): it would run now instead of entering the graph")
+
+
+class _Capture:
+    def __init__(self, stream):
+        self.stream, self.ops = stream, []
+        # strong references: no buffer that existed before can die, and give its id to a new one, meanwhile
+        self.before = {key: (root, root.copy()) for key, ref in list(_live.items()) if (root := ref()) is not None}
+
+
+class _Graph:
+    """``cupy.cuda.Graph``: what a capture recorded, replayed by :meth:`launch`."""
+
+    def __init__(self, ops):
+        self.ops = ops
+
+    def launch(self, stream=None):
+        _refuse_while_capturing("a graph launch")
+        ledger.launch("graph launch")
+        for _, replay in self.ops:
+            replay()
+
+    def upload(self, stream=None):
+        pass
+
+
+class _Stream:
+    """``cupy.cuda.Stream``: ``with stream:`` makes it current; it can capture a graph."""
+
+    _next_ptr = 2  # 0 is the legacy default stream (CuPy refuses to capture on it)
+
+    def __init__(self, null=False, non_blocking=False, ptds=False):
+        if null:
+            self.ptr = 0
+        else:
+            self.ptr, _Stream._next_ptr = _Stream._next_ptr, _Stream._next_ptr + 1
+
+    def __enter__(self):
+        _current.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _current.pop()
+        return False
+
+    def use(self):
+        _current[-1] = self
+        return self
+
+    def synchronize(self):
+        ledger.sync("Stream.synchronize")
+
+    def begin_capture(self, mode=None):
+        global _capture
+        if self.ptr == 0:
+            raise RuntimeError("cannot capture on the default (legacy) stream")
+        if _capture is not None:
+            raise StreamCaptureError("fakecupy: a stream is capturing already")
+        _capture = _Capture(self)
+
+    def is_capturing(self):
+        return _capture is not None and _capture.stream is self
+
+    def end_capture(self):
+        global _capture
+        if not self.is_capturing():
+            raise StreamCaptureError("fakecupy: end_capture() on a stream that does not capture")
+        capture, _capture = _capture, None
+        for root, saved in capture.before.values():  # nothing ran: memory from before holds what it held
+            _np.copyto(root, saved)
+        for key, ref in list(_live.items()):  # memory from during it: whatever it happens to hold
+            root = ref()
+            if key not in capture.before and root is not None and root.flags.writeable:
+                poison(root)
+        return _Graph(capture.ops)
+
+
+_Stream.null = _Stream(null=True)
+_current = [_Stream.null]
+
+
+def _get_current_stream():
+    return _current[-1]
+
+
+class MemoryPool:
+    """``cupy.cuda.MemoryPool``: a private pool for ``using_allocator``; counts the bytes allocated from it."""
+
+    def __init__(self, allocator=None):
+        self._used = 0
+
+    def malloc(self, size):
+        raise NotImplementedError("fakecupy: arrays here are NumPy's; the pool only counts what is allocated "
+                                  "while its malloc is the current allocator")
+
+    def used_bytes(self):
+        return self._used
+
+    def total_bytes(self):
+        return self._used
+
+    def free_all_blocks(self, stream=None):
+        pass
+
+
+@contextlib.contextmanager
+def _using_allocator(allocator=None):
+    global _allocator
+    saved, _allocator = _allocator, allocator
+    try:
+        yield
+    finally:
+        _allocator = saved
+
+
 cuda = types.SimpleNamespace(
     runtime=types.SimpleNamespace(
         getDeviceCount=lambda: _get_device_count(),
         getDeviceProperties=lambda device: {"name": b"fakecupy (NumPy stand-in, no GPU)", "major": 9, "minor": 0},
         CUDARuntimeError=CUDARuntimeError,
     ),
-    Stream=types.SimpleNamespace(null=_Stream()),
+    Stream=_Stream,
     Device=_Device,
+    MemoryPool=MemoryPool,
+    using_allocator=_using_allocator,
+    get_current_stream=_get_current_stream,
 )
 
 
@@ -725,10 +938,10 @@ class ElementwiseKernel:
             if builtins.any(s != shape for s in out_shapes):
                 raise ValueError(f"fakecupy: kernel {self.name!r}: outputs {out_shapes} are not of the broadcast "
                                  f"shape {shape}")
-        ledger.launch(f"ElementwiseKernel {self.name}")
         arrays = [_unwrap(a) for a in args]
-        _run_user_kernel(self.name, [p[2] for p in params], arrays,
-                         lambda seed: self._run_cuda(arrays, placeholders, shape, seed))
+        names = [p[2] for p in params]
+        _op(f"ElementwiseKernel {self.name}", lambda: _run_user_kernel(
+            self.name, names, arrays, lambda seed: self._run_cuda(arrays, placeholders, shape, seed)))
         outs = args[len(self.in_params):]
         if self.no_return:
             return None
@@ -804,11 +1017,11 @@ class RawKernel:
                                     f"number would be passed with the wrong width")
         if builtins.any(int(g) < 1 for g in grid) or builtins.any(int(b) < 1 for b in block) or math.prod(block) > 1024:
             raise ValueError(f"fakecupy: raw kernel {self.name!r}: bad launch grid {grid} block {block}")
-        ledger.launch(f"RawKernel {self.name}")
         grid, block = tuple(int(g) for g in grid), tuple(int(b) for b in block)
         arrays = [_unwrap(a) for a in args]
-        _run_user_kernel(self.name, [p[2] for p in self.params], arrays,
-                         lambda seed: self._run_cuda(grid, block, arrays, seed), launch=(grid, block))
+        names = [p[2] for p in self.params]
+        _op(f"RawKernel {self.name}", lambda: _run_user_kernel(
+            self.name, names, arrays, lambda seed: self._run_cuda(grid, block, arrays, seed), launch=(grid, block)))
         return None
 
     def _run_cuda(self, grid, block, arrays, seed):

@@ -158,8 +158,28 @@ def test_the_peak_of_cupys_pool_is_read_after_emptying_its_free_blocks():
         pool.held += 500
         pool.free += 500
 
-    assert pool_peak_bytes(xp, run) == {"reserved_bytes": 560, "live_bytes_after": 60}
+    assert pool_peak_bytes(xp, run) == {"reserved_bytes": 560, "live_bytes_after": 60, "private_pool_bytes": 0}
     assert pool.events == ["free_all_blocks", "run"]
+    graph_pool = _FakePool()  # a CUDA graph's private pool: all of it counts
+    assert pool_peak_bytes(xp, run, extra_pools=[graph_pool, None]) == {
+        "reserved_bytes": 560 + 100, "live_bytes_after": 60 + 60, "private_pool_bytes": 100}
+
+
+def test_the_graphed_benchmark_step_times_replays(fake_cupy):
+    """``minicnn bench --cuda-graph``: after the warm-up that measure() gives it, every timed call is a replay."""
+    from minicnn.cli import bench  # noqa: PLC0415
+
+    minicnn.set_backend("cupy")
+    model = minicnn.build_model("hw3_dnn")
+    rng = np.random.default_rng(0)
+    x = fake_cupy.asarray(rng.standard_normal((4, 1, 48, 48)).astype(np.float32))
+    y = fake_cupy.asarray(rng.integers(0, 7, 4))
+    step = bench.minicnn_step(model, x, y, graph=True)
+    summary, _ = bench.measure(step, repeats=2, warmup=3, sync=None)
+    g = step.graphed
+    assert (g.eager_steps, g.captures, g.replays, summary["repeats"]) == (2, 1, 3, 2)
+    with pytest.raises(SystemExit):
+        bench.main(["--cuda-graph"])  # NumPy: there is no graph to capture
 
 
 def test_pytorchs_peak_is_reset_before_the_run_it_measures():

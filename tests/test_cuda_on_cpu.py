@@ -173,6 +173,20 @@ def _every_fused_path(cp, dtype, rng):
             kernels.rmsprop_update(p, g, cp.ones_like(p), cp.zeros_like(p) if centered else None,
                                    cp.zeros_like(p) if momentum else None, lr=1e-3, alpha=0.99, eps=1e-8,
                                    weight_decay=0.0, momentum=momentum)
+    # the variants a CUDA graph replays: the per-step values read from a device array
+    lr = cp.asarray(np.array([0.1]))
+    kernels.adam_update(p, g, r(5, 7) ** 2, r(5, 7) ** 2, t=None, lr=None, betas=(0.9, 0.999), eps=1e-8,
+                        weight_decay=0.01, decoupled=True,
+                        device_scalars=cp.asarray(np.array(kernels.adam_scalars(4, 1e-2, (0.9, 0.999), 0.01, True))))
+    kernels.sgd_update(p, g, None, first=False, lr=None, momentum=0.0, nesterov=False, weight_decay=1e-4,
+                       dampening=0.0, device_scalars=lr)
+    kernels.sgd_update(p, g, r(5, 7), first=False, lr=None, momentum=0.9, nesterov=False, weight_decay=0.0,
+                       dampening=0.1, device_scalars=lr)
+    for centered in (False, True):
+        for momentum in (0.0, 0.9):
+            kernels.rmsprop_update(p, g, cp.ones_like(p), cp.zeros_like(p) if centered else None,
+                                   r(5, 7) if momentum else None, lr=None, alpha=0.9, eps=1e-8,
+                                   weight_decay=1e-3, momentum=momentum, device_scalars=lr * 0.01)
     x = r(3, 4, 9, 9)
     y, cache = kernels.leaky_relu_forward(x, 0.1)
     kernels.leaky_relu_backward(r(3, 4, 9, 9), cache, 0.1)

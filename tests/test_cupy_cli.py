@@ -61,6 +61,19 @@ def test_train_resume_init_from_evaluate_tta_and_precise_bn_with_the_cupy_backen
     for k, v in a.state_arrays().items():
         np.testing.assert_allclose(b.state_arrays()[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
 
+    # the same run with the step replayed as a CUDA graph: the same weights, bit for bit
+    graphed = tmp_path / "graphed"
+    minicnn.set_backend("numpy")
+    capsys.readouterr()
+    assert train_script.main([*data, *TRAIN, "--out", str(graphed), "--epochs", "2", "--no-test",
+                              "--cuda-graph"]) == 0
+    assert "CUDA graph: captured 1 time(s), replayed for" in capsys.readouterr().out
+    _no_sync_in_the_step(cupy)
+    minicnn.set_backend("numpy")
+    c, _, _ = load_checkpoint(graphed / "last.npz")
+    for k, v in a.state_arrays().items():
+        np.testing.assert_array_equal(c.state_arrays()[k], v, err_msg=k)
+
     phase2 = tmp_path / "phase2"
     assert train_script.main([*data, *TRAIN, "--out", str(phase2), "--epochs", "1", "--init-from",
                               str(full / "best.npz"), "--lr", "3e-4", "--no-test"]) == 0
@@ -86,6 +99,11 @@ def test_train_resume_init_from_evaluate_tta_and_precise_bn_with_the_cupy_backen
     assert moved  # the running statistics were recalibrated
     for k in before.params:
         np.testing.assert_array_equal(after.params[k], before.params[k])
+
+
+def test_cuda_graph_needs_the_cupy_backend(tmp_path, capsys):
+    assert train_script.main(["--cuda-graph", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run")]) == 2
+    assert "--cuda-graph needs --backend cupy" in capsys.readouterr().err
 
 
 def test_train_script_as_a_program_under_the_stand_in_launcher(fer2013_path, tmp_path):

@@ -107,8 +107,10 @@ def test_the_stand_in_exposes_only_cupy_names_with_cupy_signatures():
         "random.RandomState": ["rand", "randn", "random_sample", "uniform", "normal", "standard_normal", "randint",
                                "permutation", "seed"],
         "linalg": ["norm"], "lib.stride_tricks": ["as_strided"],
-        "cuda.runtime": ["getDeviceCount", "getDeviceProperties"], "cuda": ["Stream", "Device"],
-        "cuda.Stream": ["null"],
+        "cuda.runtime": ["getDeviceCount", "getDeviceProperties"],
+        "cuda": ["Stream", "Device", "MemoryPool", "using_allocator", "get_current_stream"],
+        "cuda.Stream": ["null", "begin_capture", "end_capture", "is_capturing", "synchronize", "use"],
+        "cuda.MemoryPool": ["malloc", "used_bytes", "total_bytes", "free_all_blocks"],
     }
     for path, names in nested.items():
         r, f = real, cp
@@ -120,7 +122,7 @@ def test_the_stand_in_exposes_only_cupy_names_with_cupy_signatures():
             elif callable(getattr(f, n)) and not inspect.isclass(getattr(f, n)):
                 _compare(getattr(r, n), getattr(f, n), f"{path}.{n}", mismatched)
     for method in ("get", "item", "tolist", "astype", "reshape", "transpose", "copy", "sum", "mean", "max",
-                   "argmax", "view", "fill", "ravel", "dot", "T", "shape", "dtype", "strides", "flags"):
+                   "argmax", "view", "fill", "ravel", "dot", "set", "T", "shape", "dtype", "strides", "flags"):
         if not hasattr(real.ndarray, method):
             missing.append(f"ndarray.{method}")
     assert not missing, f"the stand-in offers names CuPy does not have: {missing}"

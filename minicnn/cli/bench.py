@@ -9,6 +9,7 @@ and the minicnn / PyTorch ratio, and writes JSON with the environment.
     minicnn bench --backend cupy                                # CuPy vs PyTorch CUDA
     minicnn bench --backend cupy --generic                      # + minicnn without its fused kernels
     minicnn bench --backend cupy --torch-compile                # + PyTorch under torch.compile
+    minicnn bench --backend cupy --cuda-graph                   # + minicnn's step replayed as a CUDA graph
 
 Timing: ``--warmup`` untimed steps, then ``--repeats`` steps each timed alone,
 synchronised with the device on both sides; the table gives medians. TF32 is
@@ -28,6 +29,7 @@ import numpy as np
 
 import minicnn
 from minicnn import kernels
+from minicnn.graphs import GraphedStep
 from minicnn.optim import Adam
 
 from ..benchmarking import (default_json_path, environment, markdown_table, pool_peak_bytes, setup, summarize, time_call,
@@ -36,17 +38,30 @@ from ..benchmarking import (default_json_path, environment, markdown_table, pool
 MEMORY_STEPS = 3  # steps run (after the timing) to read the peak device memory
 
 
-def minicnn_step(model, x, y, train=True):
-    """One minicnn training step (or evaluation forward pass) as a function of no arguments."""
+def minicnn_step(model, x, y, train=True, graph=False):
+    """One minicnn training step (or evaluation forward pass) as a function of no arguments.
+
+    ``graph``: the step through :class:`minicnn.graphs.GraphedStep` (two eager warm-up calls, then the
+    capture, then replays); the function's ``graphed`` attribute is that object.
+    """
     if not train:
         return lambda: model.forward_only(x)
     loss_fn, opt = minicnn.SoftmaxCrossEntropy(), Adam(model, lr=1e-3)
 
-    def step():
-        loss_fn.forward(model.forward(x, training=True), y)
+    def eager(xb, yb):
+        loss = loss_fn.forward(model.forward(xb, training=True), yb)
         model.backward(loss_fn.backward())
         opt.step()
+        return (loss,)
 
+    if not graph:
+        return lambda: eager(x, y)
+    graphed = GraphedStep(eager, model, opt)
+
+    def step():
+        return graphed(x, y)
+
+    step.graphed = graphed
     return step
 
 
@@ -84,7 +99,7 @@ def _mib(n):
     return round(n / 2**20, 1)
 
 
-def bench_row(torch, args, name, b, mode, train, fused, device, syncs, xp):
+def bench_row(torch, args, name, b, mode, train, fused, device, syncs, xp, graph=False):
     """Time one (model, batch, mode) for minicnn and its PyTorch peer; on a GPU read both peaks of memory."""
     minicnn.seed(0)
     model = minicnn.build_model(name)
@@ -93,10 +108,14 @@ def bench_row(torch, args, name, b, mode, train, fused, device, syncs, xp):
     y = minicnn.to_device(rng.integers(0, 7, b))
     peer = f"torch.compile ({args.torch_compile_backend})" if mode.endswith("(torch.compile)") else "torch eager"
     with kernels.use_fused(fused):
-        ours_run = minicnn_step(model, x, y, train)
-        o, _ = measure(ours_run, args.repeats, args.warmup, syncs[0])
+        ours_run = minicnn_step(model, x, y, train, graph=graph)
+        # a graphed step is eager twice, then captured: the timed steps are replays
+        o, _ = measure(ours_run, args.repeats, max(args.warmup, 3) if graph else args.warmup, syncs[0])
     row = {"model": name, "mode": mode, "batch": b, "peer": peer, "minicnn_img_s": round(b / o["median_s"], 1),
            "minicnn_ms": round(1e3 * o["median_s"], 1), "minicnn": o}
+    if graph:
+        g = ours_run.graphed
+        row["graph"] = {"eager_steps": g.eager_steps, "captures": g.captures, "replays": g.replays}
     try:
         theirs_run = torch_step(torch, model, x, y, device, train,
                                 args.torch_compile_backend if peer != "torch eager" else None)
@@ -108,7 +127,9 @@ def bench_row(torch, args, name, b, mode, train, fused, device, syncs, xp):
                 "torch_ms": round(1e3 * t["median_s"], 1), "torch_first_call_s": round(t_first, 2), "torch": t})
     if device == "cuda":
         with kernels.use_fused(fused):
-            ours_mem = pool_peak_bytes(xp, lambda: [ours_run() for _ in range(MEMORY_STEPS)])
+            # a graph's memory is its own pool's (minicnn.graphs), counted beside the default pool's
+            ours_mem = pool_peak_bytes(xp, lambda: [ours_run() for _ in range(MEMORY_STEPS)],
+                                       extra_pools=[ours_run.graphed.memory_pool] if graph else ())
         theirs_mem = torch_peak_bytes(torch, lambda: [theirs_run() for _ in range(MEMORY_STEPS)])
         row.update({"minicnn_peak_mib": _mib(ours_mem["reserved_bytes"]),
                     "torch_peak_mib": _mib(theirs_mem["reserved_bytes"]),
@@ -130,12 +151,17 @@ def main(argv=None):
     p.add_argument("--torch-compile", action="store_true",
                    help="also time PyTorch under torch.compile (a row says why where it does not work)")
     p.add_argument("--torch-compile-backend", default="inductor", help="torch.compile's backend (default inductor)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="also time minicnn's training step captured as a CUDA graph and replayed (--backend cupy; "
+                        "the peer is PyTorch eager)")
     p.add_argument("--tf32", choices=["off", "on"], default="off",
                    help="TensorFloat-32 for float32 products and convolutions, pinned on both sides (default off)")
     p.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator settings alone")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--json", default=None, help="output JSON path (default runs/benchmarks/train_step_<backend>.json; the reference figures are benchmarks/results/*.json)")
     args = p.parse_args(argv)
+    if args.cuda_graph and args.backend != "cupy":
+        p.error("--cuda-graph needs --backend cupy")
 
     import torch  # noqa: PLC0415
 
@@ -147,6 +173,8 @@ def main(argv=None):
     for name in args.models:
         for b in args.batch_sizes:
             modes = [("train", True, True)] + ([("inference", False, True)] if args.inference else [])
+            if args.cuda_graph:
+                modes += [("train (CUDA graph)", True, True)]
             if args.generic:
                 modes += [("train (generic)", True, False)] + (
                     [("inference (generic)", False, False)] if args.inference else [])
@@ -154,7 +182,8 @@ def main(argv=None):
                 modes += [("train (torch.compile)", True, True)] + (
                     [("inference (torch.compile)", False, True)] if args.inference else [])
             for mode, train, fused in modes:
-                row = bench_row(torch, args, name, b, mode, train, fused, device, (sync_ours, sync_torch), xp)
+                row = bench_row(torch, args, name, b, mode, train, fused, device, (sync_ours, sync_torch), xp,
+                                graph=mode == "train (CUDA graph)")
                 rows.append(row)
                 print(f"{name} {mode} batch {b}: minicnn {row['minicnn_img_s']} img/s, "
                       + (f"{row['peer']} failed: {row['error']}" if "error" in row else

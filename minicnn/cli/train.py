@@ -1,6 +1,7 @@
 """Train a zoo network on FER-2013 with minicnn, then report its test accuracy.
 
     python examples/fer2013/train.py --backend cupy            # the HW3 recipe for hw3_cnn
+    python examples/fer2013/train.py --backend cupy --cuda-graph   # the same, each step replayed as a CUDA graph
     python examples/fer2013/train.py --model ece662_resnet --optimizer sgd --lr 0.01 --schedule plateau
     python examples/fer2013/train.py --out runs/hw3 --resume   # continue an interrupted run
     python examples/fer2013/train.py --init-from runs/hw3/best.npz --lr 3e-4 --schedule cosine \
@@ -199,6 +200,9 @@ def build_parser():
     p.add_argument("--no-test", action="store_true", help="skip the final PublicTest evaluation")
     p.add_argument("--sync-bn", action="store_true",
                    help="under mpirun: BatchNorm statistics over the global batch (default: each rank's own shard)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="with --backend cupy: capture the training step as a CUDA graph and replay it for every "
+                        "full batch (one launch a step; the same numbers as without)")
     return p
 
 
@@ -224,7 +228,7 @@ def given_options(argv=None) -> dict:
 
 # Options a resumed run may change: where things are, how long it trains, where it computes (the run's own
 # value when not given) and how this invocation reports (this invocation's value, given or default).
-RESUME_MAY_CHANGE = {"out", "data", "resume", "overwrite", "epochs", "backend"}
+RESUME_MAY_CHANGE = {"out", "data", "resume", "overwrite", "epochs", "backend", "cuda_graph"}
 PER_INVOCATION = {"log_every", "no_progress", "no_test"}
 
 
@@ -370,6 +374,9 @@ def run(argv=None):
     else:
         check_out(out, args)
     comm.barrier()  # every rank has looked at --out before rank 0 writes there
+    if getattr(args, "cuda_graph", False) and (args.backend != "cupy" or comm.size > 1):
+        raise RunError("--cuda-graph needs --backend cupy and a single process: a CUDA graph replays GPU work, "
+                       "and a data-parallel step's allreduce is an MPI call from the host")
     minicnn.set_backend(args.backend)
     if comm.size > 1 and args.backend == "cupy":
         comm.use_local_gpu()  # one rank per GPU of each machine
@@ -474,6 +481,7 @@ def run(argv=None):
         model, optimizer, loss_fn, schedule, augmenter, batch_size=args.batch_size, seed=args.seed, out_dir=out,
         early_stopping=args.early_stopping, clip_norm=args.clip_norm, log_every=args.log_every,
         progress=not args.no_progress, stream_offset=stream_offset,
+        **({"cuda_graph": True} if getattr(args, "cuda_graph", False) else {}),
         extra_meta={"class_names": class_names, "args": vars(args) | {"data": str(data_path)},
                     "data_fingerprint": fingerprint, "backend": args.backend,
                     **({"init": provenance} if provenance else {})},
@@ -482,6 +490,10 @@ def run(argv=None):
     if args.overwrite and comm.rank == 0:
         clear_out(out)  # only now: a run refused for its data or arguments leaves the previous one intact
     trainer.fit(x_train, train_ds.labels, x_val, val_ds.labels, epochs=args.epochs, resume=args.resume)
+    if trainer.graphed_step is not None:
+        g = trainer.graphed_step
+        print(f"CUDA graph: captured {g.captures} time(s), replayed for {g.replays} steps "
+              f"({g.eager_steps} warm-up steps and any last, smaller batch ran eagerly)")
     if trainer.interrupted:
         return 130
     if comm.rank:

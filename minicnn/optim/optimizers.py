@@ -64,6 +64,9 @@ class Optimizer:
         self.model = model
         self.lr = float(lr)
         self.steps = 0
+        # None (eager), or a device array of the values that change between steps (step_scalars()),
+        # which the fused kernels then read when they run: what a CUDA graph (minicnn.graphs) replays.
+        self.device_scalars = None
         # state[slot][param name] -> array on the parameter's device
         self.state: dict[str, dict] = {s: {} for s in self.active_slots()}
         # per-parameter update counts (torch keeps one per parameter too)
@@ -76,6 +79,19 @@ class Optimizer:
 
     def _update(self, name: str, p, g, xp) -> None:
         raise NotImplementedError
+
+    def step_scalars(self, t: int) -> tuple[float, ...]:
+        """The per-step values of update number ``t`` (1 for a parameter's first): ``(lr,)`` here.
+
+        Everything else an update reads (momentum, betas, eps, weight decay) is fixed when the
+        optimiser is built. A CUDA graph writes these values into :attr:`device_scalars` before
+        each replay (see :mod:`minicnn.graphs`).
+        """
+        return (self.lr,)
+
+    def _device_kw(self) -> dict:
+        # only when set: the generic update rules take host scalars alone (a graph needs the fused kernels)
+        return {} if self.device_scalars is None else {"device_scalars": self.device_scalars}
 
     # -- the public interface ------------------------------------------------
     def step(self) -> None:
@@ -201,7 +217,8 @@ class SGD(Optimizer):
     def _update(self, name, p, g, xp):
         buf = self.state["momentum"][name] if self.momentum != 0 else None
         _sgd_update(p, g, buf, first=self.param_steps[name] == 1, lr=self.lr, momentum=self.momentum,
-                    nesterov=self.nesterov, weight_decay=self.weight_decay, dampening=self.dampening)
+                    nesterov=self.nesterov, weight_decay=self.weight_decay, dampening=self.dampening,
+                    **self._device_kw())
 
     def __repr__(self):
         return (f"SGD(lr={self.lr:g}, momentum={self.momentum:g}, nesterov={self.nesterov}, "
@@ -241,7 +258,13 @@ class Adam(Optimizer):
 
     def _update(self, name, p, g, xp):
         _adam_update(p, g, self.state["m"][name], self.state["v"][name], t=self.param_steps[name], lr=self.lr,
-                     betas=self.betas, eps=self.eps, weight_decay=self.weight_decay, decoupled=self.decoupled)
+                     betas=self.betas, eps=self.eps, weight_decay=self.weight_decay, decoupled=self.decoupled,
+                     **self._device_kw())
+
+    def step_scalars(self, t):
+        """``(lr / (1 - beta1**t), sqrt(1 - beta2**t), 1 - lr * wd or 1)``: the step size, the second
+        moment's bias correction and AdamW's decay factor (see :func:`minicnn.kernels.adam_scalars`)."""
+        return kernels.adam_scalars(t, self.lr, self.betas, self.weight_decay, self.decoupled)
 
     def __repr__(self):
         return (f"{type(self).__name__}(lr={self.lr:g}, betas={self.betas}, eps={self.eps:g}, "
@@ -308,7 +331,8 @@ class RMSprop(Optimizer):
     def _update(self, name, p, g, xp):
         _rmsprop_update(p, g, self.state["square_avg"][name], self.state["grad_avg"].get(name) if self.centered else None,
                         self.state["momentum"][name] if self.momentum > 0 else None, lr=self.lr, alpha=self.alpha,
-                        eps=self.eps, weight_decay=self.weight_decay, momentum=self.momentum)
+                        eps=self.eps, weight_decay=self.weight_decay, momentum=self.momentum,
+                        **self._device_kw())
 
     def __repr__(self):
         return (f"RMSprop(lr={self.lr:g}, alpha={self.alpha:g}, eps={self.eps:g}, "
@@ -319,8 +343,16 @@ class RMSprop(Optimizer):
 # -- the update rules, one parameter at a time ---------------------------------------------------
 # Written with array operations: the reference, and what runs on NumPy. On CuPy the decorator runs the
 # fused kernel of minicnn/kernels.py instead: one launch per parameter instead of 4 to 13.
+def _host_scalars_only(device_scalars):
+    if device_scalars is not None:
+        raise ValueError("optimizer.device_scalars is set, but the generic update rules take the learning rate "
+                         "from the host; device-resident step values need the fused kernels (CuPy arrays, "
+                         "minicnn.kernels.use_fused(True))")
+
+
 @kernels.gpu_fast_path(kernels.sgd_update)
-def _sgd_update(p, g, buf, *, first, lr, momentum, nesterov, weight_decay, dampening):
+def _sgd_update(p, g, buf, *, first, lr, momentum, nesterov, weight_decay, dampening, device_scalars=None):
+    _host_scalars_only(device_scalars)
     xp = get_array_module(p)
     if weight_decay != 0:
         g = g + weight_decay * p  # a new array: the caller's gradient is left alone
@@ -335,7 +367,8 @@ def _sgd_update(p, g, buf, *, first, lr, momentum, nesterov, weight_decay, dampe
 
 
 @kernels.gpu_fast_path(kernels.adam_update)
-def _adam_update(p, g, m, v, *, t, lr, betas, eps, weight_decay, decoupled):
+def _adam_update(p, g, m, v, *, t, lr, betas, eps, weight_decay, decoupled, device_scalars=None):
+    _host_scalars_only(device_scalars)
     xp = get_array_module(p)
     beta1, beta2 = betas
     if weight_decay != 0:
@@ -358,7 +391,8 @@ def _adam_update(p, g, m, v, *, t, lr, betas, eps, weight_decay, decoupled):
 
 
 @kernels.gpu_fast_path(kernels.rmsprop_update)
-def _rmsprop_update(p, g, s, a, b, *, lr, alpha, eps, weight_decay, momentum):
+def _rmsprop_update(p, g, s, a, b, *, lr, alpha, eps, weight_decay, momentum, device_scalars=None):
+    _host_scalars_only(device_scalars)
     xp = get_array_module(p)
     if weight_decay != 0:
         g = g + weight_decay * p
