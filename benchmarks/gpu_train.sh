@@ -5,7 +5,7 @@
 #   FER2013_DATA=data/fer2013_train.tar.xz benchmarks/gpu_train.sh OUT_DIR RUN_DIR SECONDS [train.py arguments]
 #
 # A new run (no RUN_DIR/last.npz) starts with the train.py arguments given; a carried RUN_DIR/last.npz is
-# resumed (--resume: give no arguments then, or --epochs N to lengthen the run). train.py runs with
+# resumed (--resume: give no arguments then, or --epochs N to lengthen the run, or --cuda-graph). train.py runs with
 # --backend cupy --no-test --no-progress; after SECONDS it gets SIGTERM, keeps its last finished epoch and
 # stops. Then benchmarks/travel.py packs the run into OUT_DIR (last.npz in pieces of at most 15 MiB,
 # best.npz without optimiser state, history.json, travel.json), beside train.log and gpu_train.json

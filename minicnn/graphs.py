@@ -37,7 +37,10 @@ loop of :class:`~minicnn.training.Trainer` has none); inputs of one shape (a
 last, smaller batch runs eagerly); and two eager warm-up steps first, which
 create the optimiser's state and compile every kernel. When the arrays the graph
 was captured with are replaced (loading a checkpoint rebinds the optimiser's
-state), the next call captures again.
+state), the next call captures again. A capture that fails (an operation the
+GPU's stream capture refuses) does not stop training: with ``fallback=True``
+(the default) the error is kept in ``capture_error``, a warning says it, and
+the step runs eagerly from then on, with the same numbers.
 
 Without a GPU, the CuPy stand-in of the tests (``tests/fakecupy.py``) imitates stream
 capture (nothing runs during it, memory from before is left alone, replays use
@@ -46,6 +49,8 @@ are refused). ``tests/test_graphs.py`` checks there that graphed training gives
 the same weights as eager training, step for step.
 """
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 
@@ -106,16 +111,19 @@ class GraphedStep:
         optimizer: the :class:`~minicnn.optim.Optimizer` the step calls.
         warmup_steps: eager calls before the capture (at least 1: the optimiser's state and its
             first-step branch, and every kernel's compilation, must be behind it).
+        fallback: when a capture fails, warn and run every later step eagerly (True), or raise (False).
 
-    Counters: ``eager_steps`` (warm-up calls), ``captures`` and ``replays``.
+    Counters: ``eager_steps`` (eager calls: the warm-up, and every call after a failed capture),
+    ``captures`` and ``replays``; ``capture_error`` says why a capture failed (None: none did).
     """
 
-    def __init__(self, step, model, optimizer, *, warmup_steps: int = 2):
+    def __init__(self, step, model, optimizer, *, warmup_steps: int = 2, fallback: bool = True):
         if int(warmup_steps) < 1:
             raise ValueError(f"GraphedStep: warmup_steps must be at least 1, got {warmup_steps}")
         self.step, self.model, self.optimizer = step, model, optimizer
-        self.warmup_steps = int(warmup_steps)
+        self.warmup_steps, self.fallback = int(warmup_steps), bool(fallback)
         self.eager_steps = self.captures = self.replays = 0
+        self.capture_error: str | None = None
         self._captured: _Captured | None = None
 
     def __call__(self, x, y):
@@ -125,12 +133,22 @@ class GraphedStep:
         if not kernels.fused_enabled():
             raise ValueError("GraphedStep: a CUDA graph needs the fused kernels (minicnn.kernels.use_fused(True)), "
                              "which read the optimiser's step values from device memory")
-        if self.eager_steps < self.warmup_steps:
+        if self.eager_steps < self.warmup_steps or self.capture_error is not None:
             self.eager_steps += 1
             return self.step(x, y)
         key = self._key(x, y)
         if self._captured is None or self._captured.key != key:
-            self._capture(xp, x, y, key)
+            try:
+                self._capture(xp, x, y, key)
+            except Exception as exc:  # noqa: BLE001  (any refusal of the capture: training goes on eagerly)
+                if not self.fallback:
+                    raise
+                self._captured = None
+                self.capture_error = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"GraphedStep: the CUDA graph capture failed ({self.capture_error}); every step runs "
+                              "eagerly from now on, with the same numbers", RuntimeWarning, stacklevel=2)
+                self.eager_steps += 1
+                return self.step(x, y)
         return self._replay(xp, x, y)
 
     @property

@@ -51,6 +51,9 @@ KERNELS: dict = {}  # kernel name -> Elementwise | Raw declaration
 # What CuPy passes to NVRTC for a RawKernel (cupy/cuda/compiler.py), with the H100/H200 architecture.
 NVRTC_OPTIONS = ("-ftz=true", "-arch=sm_90", "--device-as-default-execution-space", "--std=c++17")
 _BLOCK = 256
+# Gather kernels index with 32-bit integers (several times fewer instructions for a division than 64-bit)
+# when every index, plus one grid stride, fits; with 64-bit ones otherwise.
+NARROW_INDEX_LIMIT = 2**31 - 1
 _DTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 
@@ -169,7 +172,10 @@ class Raw:
         return f"{self.name}_{ctype}"
 
     def code(self, ctype):
-        return self.source.replace("{T}", ctype).replace("{NAME}", self.kernel_name(ctype))
+        """The source for ``ctype``; ``{NARROW}`` becomes :data:`NARROW_INDEX_LIMIT`, the largest index for
+        which a gather kernel takes its 32-bit path (the tests set 0 to run the 64-bit path on small arrays)."""
+        return (self.source.replace("{T}", ctype).replace("{NAME}", self.kernel_name(ctype))
+                .replace("{NARROW}", f"{int(NARROW_INDEX_LIMIT)}LL"))
 
     def __call__(self, xp, dtype, grid, args):
         ctype = _DTYPES[np.dtype(dtype)]
@@ -672,13 +678,13 @@ def _im2col_numpy(grid, block, x, cols, n, c, h, w, kh, kw, sh, sw, ph, pw, oh, 
 
 _im2col = Raw("minicnn_im2col", r"""
 // cols[(ch, u, v), (b, i, j)] = x[b, ch, i*sh - ph + u, j*sw - pw + v], or 0 in the padding.
-extern "C" __global__ void {NAME}(const {T}* x, {T}* cols, const int n, const int c, const int h, const int w,
-                                  const int kh, const int kw, const int sh, const int sw, const int ph, const int pw,
-                                  const int oh, const int ow) {
-  const long long total = (long long)c * kh * kw * n * oh * ow;
-  for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
-       t += (long long)blockDim.x * gridDim.x) {
-    long long r = t;
+// I, the index type: int where every index fits (32-bit division is several times cheaper than 64-bit).
+template <typename I>
+__device__ void im2col_body(const {T}* x, {T}* cols, const int n, const int c, const int h, const int w,
+                            const int kh, const int kw, const int sh, const int sw, const int ph, const int pw,
+                            const int oh, const int ow, const I total) {
+  for (I t = blockIdx.x * (I)blockDim.x + threadIdx.x; t < total; t += (I)blockDim.x * gridDim.x) {
+    I r = t;
     const int j = r % ow; r /= ow;
     const int i = r % oh; r /= oh;
     const int b = r % n;  r /= n;
@@ -686,8 +692,19 @@ extern "C" __global__ void {NAME}(const {T}* x, {T}* cols, const int n, const in
     const int u = r % kh;
     const int ch = r / kh;
     const int y = i * sh - ph + u, xx = j * sw - pw + v;
-    cols[t] = (y >= 0 && y < h && xx >= 0 && xx < w) ? x[(((long long)b * c + ch) * h + y) * w + xx] : ({T})0;
+    cols[t] = (y >= 0 && y < h && xx >= 0 && xx < w) ? x[(((I)b * c + ch) * h + y) * w + xx] : ({T})0;
   }
+}
+
+extern "C" __global__ void {NAME}(const {T}* x, {T}* cols, const int n, const int c, const int h, const int w,
+                                  const int kh, const int kw, const int sh, const int sw, const int ph, const int pw,
+                                  const int oh, const int ow) {
+  const long long total = (long long)c * kh * kw * n * oh * ow;
+  const long long largest = total > (long long)n * c * h * w ? total : (long long)n * c * h * w;
+  if (largest + (long long)blockDim.x * gridDim.x <= {NARROW})
+    im2col_body<int>(x, cols, n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow, (int)total);
+  else
+    im2col_body<long long>(x, cols, n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow, total);
 }
 """, _im2col_numpy)
 
@@ -703,14 +720,13 @@ def _col2im_numpy(grid, block, cols, dx, n, c, h, w, kh, kw, sh, sw, ph, pw, oh,
 
 
 _col2im = Raw("minicnn_col2im", r"""
-// One thread per input pixel: the sum of the column entries that were read from it.
-extern "C" __global__ void {NAME}(const {T}* cols, {T}* dx, const int n, const int c, const int h, const int w,
-                                  const int kh, const int kw, const int sh, const int sw, const int ph, const int pw,
-                                  const int oh, const int ow) {
-  const long long total = (long long)n * c * h * w;
-  for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
-       t += (long long)blockDim.x * gridDim.x) {
-    long long r = t;
+// One thread per input pixel: the sum of the column entries that were read from it (I: as in im2col).
+template <typename I>
+__device__ void col2im_body(const {T}* cols, {T}* dx, const int n, const int c, const int h, const int w,
+                            const int kh, const int kw, const int sh, const int sw, const int ph, const int pw,
+                            const int oh, const int ow, const I total) {
+  for (I t = blockIdx.x * (I)blockDim.x + threadIdx.x; t < total; t += (I)blockDim.x * gridDim.x) {
+    I r = t;
     const int xx = r % w; r /= w;
     const int y = r % h;  r /= h;
     const int ch = r % c;
@@ -722,11 +738,23 @@ extern "C" __global__ void {NAME}(const {T}* cols, {T}* dx, const int n, const i
       for (int v = 0; v < kw; ++v) {
         const int xv = xx + pw - v;
         if (xv < 0 || xv % sw != 0 || xv / sw >= ow) continue;
-        acc += cols[((((long long)ch * kh + u) * kw + v) * n + b) * oh * ow + (long long)(yy / sh) * ow + xv / sw];
+        acc += cols[((((I)ch * kh + u) * kw + v) * n + b) * oh * ow + (I)(yy / sh) * ow + xv / sw];
       }
     }
     dx[t] = acc;
   }
+}
+
+extern "C" __global__ void {NAME}(const {T}* cols, {T}* dx, const int n, const int c, const int h, const int w,
+                                  const int kh, const int kw, const int sh, const int sw, const int ph, const int pw,
+                                  const int oh, const int ow) {
+  const long long total = (long long)n * c * h * w;
+  const long long ncols = (long long)c * kh * kw * n * oh * ow;
+  const long long largest = total > ncols ? total : ncols;
+  if (largest + (long long)blockDim.x * gridDim.x <= {NARROW})
+    col2im_body<int>(cols, dx, n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow, (int)total);
+  else
+    col2im_body<long long>(cols, dx, n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow, total);
 }
 """, _col2im_numpy)
 
@@ -779,13 +807,13 @@ def _maxpool_forward_numpy(grid, block, x, out, arg, n, c, h, w, kh, kw, sh, sw,
 
 _maxpool_forward = Raw("minicnn_maxpool_forward", r"""
 // One thread per output: the window's maximum (padding is -inf) and which offset u*kw+v won (the first on ties).
-extern "C" __global__ void {NAME}(const {T}* x, {T}* out, int* arg, const int n, const int c, const int h,
-                                  const int w, const int kh, const int kw, const int sh, const int sw, const int ph,
-                                  const int pw, const int oh, const int ow) {
-  const long long total = (long long)n * c * oh * ow;
-  for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
-       t += (long long)blockDim.x * gridDim.x) {
-    long long r = t;
+// I, the index type: int where every index fits (as in im2col).
+template <typename I>
+__device__ void maxpool_forward_body(const {T}* x, {T}* out, int* arg, const int h, const int w, const int kh,
+                                     const int kw, const int sh, const int sw, const int ph, const int pw,
+                                     const int oh, const int ow, const I total) {
+  for (I t = blockIdx.x * (I)blockDim.x + threadIdx.x; t < total; t += (I)blockDim.x * gridDim.x) {
+    I r = t;
     const int j = r % ow; r /= ow;
     const int i = r % oh; r /= oh;          // r = b * c + ch
     const {T}* plane = x + r * h * w;
@@ -804,6 +832,17 @@ extern "C" __global__ void {NAME}(const {T}* x, {T}* out, int* arg, const int n,
     arg[t] = best_k;
   }
 }
+
+extern "C" __global__ void {NAME}(const {T}* x, {T}* out, int* arg, const int n, const int c, const int h,
+                                  const int w, const int kh, const int kw, const int sh, const int sw, const int ph,
+                                  const int pw, const int oh, const int ow) {
+  const long long total = (long long)n * c * oh * ow;
+  const long long largest = total > (long long)n * c * h * w ? total : (long long)n * c * h * w;
+  if (largest + (long long)blockDim.x * gridDim.x <= {NARROW})
+    maxpool_forward_body<int>(x, out, arg, h, w, kh, kw, sh, sw, ph, pw, oh, ow, (int)total);
+  else
+    maxpool_forward_body<long long>(x, out, arg, h, w, kh, kw, sh, sw, ph, pw, oh, ow, total);
+}
 """, _maxpool_forward_numpy)
 
 
@@ -818,14 +857,13 @@ def _maxpool_backward_numpy(grid, block, dout, arg, dx, n, c, h, w, kh, kw, sh, 
 
 
 _maxpool_backward = Raw("minicnn_maxpool_backward", r"""
-// One thread per input pixel: the sum of dout over the windows whose maximum it was.
-extern "C" __global__ void {NAME}(const {T}* dout, const int* arg, {T}* dx, const int n, const int c, const int h,
-                                  const int w, const int kh, const int kw, const int sh, const int sw, const int ph,
-                                  const int pw, const int oh, const int ow) {
-  const long long total = (long long)n * c * h * w;
-  for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
-       t += (long long)blockDim.x * gridDim.x) {
-    long long r = t;
+// One thread per input pixel: the sum of dout over the windows whose maximum it was (I: as in im2col).
+template <typename I>
+__device__ void maxpool_backward_body(const {T}* dout, const int* arg, {T}* dx, const int h, const int w,
+                                      const int kh, const int kw, const int sh, const int sw, const int ph,
+                                      const int pw, const int oh, const int ow, const I total) {
+  for (I t = blockIdx.x * (I)blockDim.x + threadIdx.x; t < total; t += (I)blockDim.x * gridDim.x) {
+    I r = t;
     const int xx = r % w; r /= w;
     const int y = r % h;  r /= h;           // r = b * c + ch
     {T} acc = 0;
@@ -835,12 +873,23 @@ extern "C" __global__ void {NAME}(const {T}* dout, const int* arg, {T}* dx, cons
       for (int v = 0; v < kw; ++v) {
         const int xv = xx + pw - v;
         if (xv < 0 || xv % sw != 0 || xv / sw >= ow) continue;
-        const long long o = (r * oh + yy / sh) * ow + xv / sw;
+        const I o = (r * oh + yy / sh) * ow + xv / sw;
         if (arg[o] == u * kw + v) acc += dout[o];
       }
     }
     dx[t] = acc;
   }
+}
+
+extern "C" __global__ void {NAME}(const {T}* dout, const int* arg, {T}* dx, const int n, const int c, const int h,
+                                  const int w, const int kh, const int kw, const int sh, const int sw, const int ph,
+                                  const int pw, const int oh, const int ow) {
+  const long long total = (long long)n * c * h * w;
+  const long long largest = total > (long long)n * c * oh * ow ? total : (long long)n * c * oh * ow;
+  if (largest + (long long)blockDim.x * gridDim.x <= {NARROW})
+    maxpool_backward_body<int>(dout, arg, dx, h, w, kh, kw, sh, sw, ph, pw, oh, ow, (int)total);
+  else
+    maxpool_backward_body<long long>(dout, arg, dx, h, w, kh, kw, sh, sw, ph, pw, oh, ow, total);
 }
 """, _maxpool_backward_numpy)
 

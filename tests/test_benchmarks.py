@@ -249,3 +249,20 @@ def test_the_gpu_summary_merges_the_train_step_reports_and_shows_failed_peers(tm
     assert "| hw3_cnn | train | 128 | 9000.0 | 12000.0 | 0.75 | 900.0 | 600.0 |" in text
     assert "failed: BackendCompilerFailed: no triton" in text
     assert summary.main(["--merge", str(out / "x.json"), str(tmp_path / "missing.json")]) == 1
+
+
+def test_the_sass_count_compiles_each_index_path_alone():
+    """benchmarks/sass_count.py (needs nvcc, so not run here) replaces each gather kernel's dispatch by one call."""
+    from minicnn import kernels  # noqa: PLC0415
+
+    sass_count = _load_bench("sass_count")
+    narrow = {k.name: k for k in kernels.KERNELS.values() if isinstance(k, kernels.Raw) and "{NARROW}" in k.source}
+    assert len(narrow) == 4
+    for k in narrow.values():
+        code = k.code("float")
+        for path, other in (("int", "long long"), ("long long", "int")):
+            alone = sass_count.one_path(code, path)
+            assert f"_body<{path}>(" in alone.split("__global__")[1] and f"_body<{other}>(" not in alone.split(
+                "__global__")[1] and "largest +" not in alone
+    with pytest.raises(ValueError, match="dispatch"):
+        sass_count.one_path(kernels.KERNELS["minicnn_bn_stats_float"].code("float"), "int")

@@ -226,6 +226,20 @@ def test_every_kernel_runs_its_cuda_source_on_the_cpu_against_its_transliteratio
     assert expected - ran == set(), f"kernels whose CUDA source never ran here: {sorted(expected - ran)}"
 
 
+def test_the_gather_kernels_64_bit_index_path_runs_too(both, monkeypatch):
+    """im2col, col2im and max-pool index with int where every index fits, with long long beyond; arrays of
+    2**31 elements are out of reach here, so the limit is set to 0 and every launch takes the 64-bit path."""
+    monkeypatch.setattr(kernels, "NARROW_INDEX_LIMIT", 0)
+    monkeypatch.setattr(kernels, "_compiled", {})  # the kernels are built again from the changed sources
+    narrow = [k for k in kernels.KERNELS.values() if isinstance(k, kernels.Raw) and "{NARROW}" in k.source]
+    assert {k.name for k in narrow} == {"minicnn_im2col", "minicnn_col2im", "minicnn_maxpool_forward",
+                                        "minicnn_maxpool_backward"}
+    assert all("0LL" in k.code("float") and "2147483647LL" not in k.code("float") for k in narrow)
+    _every_fused_path(both, np.float32, np.random.default_rng(1))
+    ran = set(both.compared)
+    assert {k.kernel_name("float") for k in narrow} <= ran
+
+
 # -- the comparison catches a wrong CUDA source ----------------------------------------------------
 MUTATIONS = [
     ("minicnn_im2col", "const int y = i * sh - ph + u,", "const int y = i * sh - ph + u + 1,"),

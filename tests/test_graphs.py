@@ -202,6 +202,41 @@ def test_graphs_need_the_cupy_backend_and_the_fused_kernels(cupy):
         _step_fn(model, opt, minicnn.SoftmaxCrossEntropy())(x, y)  # the generic rules refuse device step values
 
 
+def test_a_capture_that_fails_leaves_training_eager_and_unharmed(cupy):
+    """A step the capture refuses (here: it draws with permutation(), which a graph would freeze) warns once,
+    then runs eagerly: the same weights as an eager run, the optimiser's counters right."""
+    eager_model, graph_model = _twins(cupy)
+    opt_e, opt_g = Adam(eager_model, lr=1e-2), Adam(graph_model, lr=1e-2)
+
+    def with_a_shuffle(model, opt):
+        inner = _step_fn(model, opt, minicnn.SoftmaxCrossEntropy())
+
+        def step(x, y):
+            order = minicnn.backend.random_state(cupy).permutation(len(y))
+            return inner(x[order], y[order])
+        return step
+
+    eager = with_a_shuffle(eager_model, opt_e)
+    graphed = GraphedStep(with_a_shuffle(graph_model, opt_g), graph_model, opt_g)
+    for i, (x, y) in enumerate(_batches(cupy, 5)):
+        minicnn.seed(i)
+        eager(x, y)
+        minicnn.seed(i)
+        if i == 2:
+            with pytest.warns(RuntimeWarning, match="permutation"):
+                graphed(x, y)
+        else:
+            graphed(x, y)
+    assert (graphed.eager_steps, graphed.captures, graphed.replays) == (5, 0, 0)
+    assert "permutation" in graphed.capture_error and opt_g.param_steps == opt_e.param_steps
+    for k, v in eager_model.state_arrays().items():
+        _same(cupy, graph_model.state_arrays()[k], v, k)
+    strict = GraphedStep(with_a_shuffle(graph_model, opt_g), graph_model, opt_g, warmup_steps=1, fallback=False)
+    strict(x, y)
+    with pytest.raises(AttributeError, match="permutation"):
+        strict(x, y)
+
+
 def test_a_step_that_draws_what_cannot_be_redrawn_is_refused(cupy):
     draws = RecordedDraws(cupy)
     with pytest.raises(AttributeError, match="permutation"):

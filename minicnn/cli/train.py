@@ -492,8 +492,11 @@ def run(argv=None):
     trainer.fit(x_train, train_ds.labels, x_val, val_ds.labels, epochs=args.epochs, resume=args.resume)
     if trainer.graphed_step is not None:
         g = trainer.graphed_step
-        print(f"CUDA graph: captured {g.captures} time(s), replayed for {g.replays} steps "
-              f"({g.eager_steps} warm-up steps and any last, smaller batch ran eagerly)")
+        if g.capture_error is not None:
+            print(f"CUDA graph: the capture failed ({g.capture_error}); the steps ran eagerly")
+        else:
+            print(f"CUDA graph: captured {g.captures} time(s), replayed for {g.replays} steps "
+                  f"({g.eager_steps} warm-up steps and any last, smaller batch ran eagerly)")
     if trainer.interrupted:
         return 130
     if comm.rank:
