@@ -35,8 +35,9 @@ What a graphed step needs: the CuPy backend and the fused kernels
 (:func:`minicnn.kernels.use_fused`); a step with no host synchronisation (the
 loop of :class:`~minicnn.training.Trainer` has none); inputs of one shape (a
 last, smaller batch runs eagerly); and two eager warm-up steps first, which
-create the optimiser's state and compile every kernel. When the arrays the graph
-was captured with are replaced (loading a checkpoint rebinds the optimiser's
+create the optimiser's state and compile and load every kernel the capture
+will record (the warm-up steps already use the optimiser's device-scalar
+kernels). When the arrays the graph was captured with are replaced (loading a checkpoint rebinds the optimiser's
 state), the next call captures again. A capture that fails (an operation the
 GPU's stream capture refuses) does not stop training: with ``fallback=True``
 (the default) the error is kept in ``capture_error``, a warning says it, and
@@ -133,9 +134,12 @@ class GraphedStep:
         if not kernels.fused_enabled():
             raise ValueError("GraphedStep: a CUDA graph needs the fused kernels (minicnn.kernels.use_fused(True)), "
                              "which read the optimiser's step values from device memory")
-        if self.eager_steps < self.warmup_steps or self.capture_error is not None:
+        if self.capture_error is not None:
             self.eager_steps += 1
             return self.step(x, y)
+        if self.eager_steps < self.warmup_steps:
+            self.eager_steps += 1
+            return self._warmup_step(xp, x, y)
         key = self._key(x, y)
         if self._captured is None or self._captured.key != key:
             try:
@@ -150,6 +154,24 @@ class GraphedStep:
                 self.eager_steps += 1
                 return self.step(x, y)
         return self._replay(xp, x, y)
+
+    def _warmup_step(self, xp, x, y):
+        """An eager step whose optimiser already reads its step values from the device.
+
+        Why: the update kernels a graph replays are the device-scalar twins; run here first, they are
+        compiled and loaded before the capture, where compiling or loading a module is best avoided.
+        The same numbers as a plain eager step (the same kernel bodies, the same double values).
+        """
+        optimizer = self.optimizer
+        counts = {optimizer.param_steps.get(name, 0) for name in self.model.params}
+        if len(counts) != 1:  # parameters updated unequally often: no one set of step values fits them all
+            return self.step(x, y)
+        values = np.asarray(optimizer.step_scalars(counts.pop() + 1), dtype=np.float64)
+        optimizer.device_scalars = xp.asarray(values)
+        try:
+            return self.step(x, y)
+        finally:
+            optimizer.device_scalars = None
 
     @property
     def memory_pool(self):

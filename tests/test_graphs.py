@@ -135,6 +135,20 @@ def test_step_values_read_from_the_device_give_the_same_update(cupy, build):
                                           err_msg=f"{k} after step {step}")
 
 
+def test_the_warm_up_steps_compile_the_kernels_the_graph_will_replay(fake_cupy):
+    """The optimiser's device-scalar kernels run first in the warm-up, not inside the capture."""
+    minicnn.set_backend("cupy")
+    model = _small_net()
+    opt = Adam(model, lr=1e-3)
+    graphed = GraphedStep(_step_fn(model, opt, minicnn.SoftmaxCrossEntropy()), model, opt, warmup_steps=1)
+    x, y = _batches(fake_cupy, 1)[0]
+    with fake_cupy.counting() as ledger:
+        graphed(x, y)
+    ops = ledger.by_operation()
+    assert ops["ElementwiseKernel minicnn_adam_device_scalars"] == len(model.params)
+    assert ops["ElementwiseKernel minicnn_adam"] == 0 and opt.device_scalars is None
+
+
 def test_the_graph_is_captured_once_and_recaptured_when_its_arrays_are_replaced(cupy):
     minicnn.set_backend("cupy")
     model = _small_net()
