@@ -103,7 +103,7 @@ class _Captured:
 
 
 class GraphedStep:
-    """``step(x, y)`` captured as a CUDA graph at its third call, and replayed from then on.
+    """``step(x, y)`` captured as a CUDA graph after ``warmup_steps`` eager calls, and replayed from then on.
 
     Parameters:
         step: the eager training step, ``step(x, y) -> outputs`` (a tuple of device arrays), e.g.
