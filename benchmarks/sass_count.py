@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import default_json_path, markdown_table, write_json  # noqa: E402
 from minicnn import kernels  # noqa: E402
 
-DISPATCH = re.compile(r"if \(largest[^\n]*\n\s*(\w+_body<int>\([^;]*;)\n\s*else\n\s*(\w+_body<long long>\([^;]*;)")
+DISPATCH = re.compile(r"if \(fits_int[^\n]*\n\s*(\w+_body<int>\([^;]*;)\n\s*else\n\s*(\w+_body<long long>\([^;]*;)")
 
 
 def one_path(source: str, path: str) -> str:
@@ -61,7 +61,7 @@ def main(argv=None):
     version = subprocess.run([args.nvcc, "--version"], check=True, capture_output=True, text=True).stdout
     rows = []
     for k in kernels.KERNELS.values():
-        if not isinstance(k, kernels.Raw) or "{NARROW}" not in k.source or k.kernel_name("float") in {
+        if not isinstance(k, kernels.Raw) or "{INDEX_WIDTH}" not in k.source or k.kernel_name("float") in {
                 r["kernel"] for r in rows}:
             continue
         name = k.kernel_name("float")

@@ -54,6 +54,12 @@ _BLOCK = 256
 # Gather kernels index with 32-bit integers (several times fewer instructions for a division than 64-bit)
 # when every index, plus one grid stride, fits; with 64-bit ones otherwise.
 NARROW_INDEX_LIMIT = 2**31 - 1
+_INDEX_WIDTH = r"""
+// Whether every index up to the larger of the two array sizes, plus one grid stride, fits in an int.
+__device__ inline bool fits_int(const long long size_a, const long long size_b) {
+  const long long largest = size_a > size_b ? size_a : size_b;
+  return largest + (long long)blockDim.x * gridDim.x <= {LIMIT};
+}"""
 _DTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 
@@ -172,10 +178,12 @@ class Raw:
         return f"{self.name}_{ctype}"
 
     def code(self, ctype):
-        """The source for ``ctype``; ``{NARROW}`` becomes :data:`NARROW_INDEX_LIMIT`, the largest index for
-        which a gather kernel takes its 32-bit path (the tests set 0 to run the 64-bit path on small arrays)."""
-        return (self.source.replace("{T}", ctype).replace("{NAME}", self.kernel_name(ctype))
-                .replace("{NARROW}", f"{int(NARROW_INDEX_LIMIT)}LL"))
+        """The source for ``ctype``; ``{INDEX_WIDTH}`` becomes :data:`_INDEX_WIDTH`, whose ``fits_int`` tells a
+        gather kernel whether to take its 32-bit path (up to :data:`NARROW_INDEX_LIMIT`; the tests set 0 to
+        run the 64-bit path on small arrays)."""
+        helper = _INDEX_WIDTH.replace("{LIMIT}", f"{int(NARROW_INDEX_LIMIT)}LL")
+        return (self.source.replace("{INDEX_WIDTH}", helper).replace("{T}", ctype)
+                .replace("{NAME}", self.kernel_name(ctype)))
 
     def __call__(self, xp, dtype, grid, args):
         ctype = _DTYPES[np.dtype(dtype)]
@@ -677,6 +685,7 @@ def _im2col_numpy(grid, block, x, cols, n, c, h, w, kh, kw, sh, sw, ph, pw, oh, 
 
 
 _im2col = Raw("minicnn_im2col", r"""
+{INDEX_WIDTH}
 // cols[(ch, u, v), (b, i, j)] = x[b, ch, i*sh - ph + u, j*sw - pw + v], or 0 in the padding.
 // I, the index type: int where every index fits (32-bit division is several times cheaper than 64-bit).
 template <typename I>
@@ -700,8 +709,7 @@ extern "C" __global__ void {NAME}(const {T}* x, {T}* cols, const int n, const in
                                   const int kh, const int kw, const int sh, const int sw, const int ph, const int pw,
                                   const int oh, const int ow) {
   const long long total = (long long)c * kh * kw * n * oh * ow;
-  const long long largest = total > (long long)n * c * h * w ? total : (long long)n * c * h * w;
-  if (largest + (long long)blockDim.x * gridDim.x <= {NARROW})
+  if (fits_int(total, (long long)n * c * h * w))
     im2col_body<int>(x, cols, n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow, (int)total);
   else
     im2col_body<long long>(x, cols, n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow, total);
@@ -720,6 +728,7 @@ def _col2im_numpy(grid, block, cols, dx, n, c, h, w, kh, kw, sh, sw, ph, pw, oh,
 
 
 _col2im = Raw("minicnn_col2im", r"""
+{INDEX_WIDTH}
 // One thread per input pixel: the sum of the column entries that were read from it (I: as in im2col).
 template <typename I>
 __device__ void col2im_body(const {T}* cols, {T}* dx, const int n, const int c, const int h, const int w,
@@ -749,9 +758,7 @@ extern "C" __global__ void {NAME}(const {T}* cols, {T}* dx, const int n, const i
                                   const int kh, const int kw, const int sh, const int sw, const int ph, const int pw,
                                   const int oh, const int ow) {
   const long long total = (long long)n * c * h * w;
-  const long long ncols = (long long)c * kh * kw * n * oh * ow;
-  const long long largest = total > ncols ? total : ncols;
-  if (largest + (long long)blockDim.x * gridDim.x <= {NARROW})
+  if (fits_int(total, (long long)c * kh * kw * n * oh * ow))
     col2im_body<int>(cols, dx, n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow, (int)total);
   else
     col2im_body<long long>(cols, dx, n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow, total);
@@ -806,6 +813,7 @@ def _maxpool_forward_numpy(grid, block, x, out, arg, n, c, h, w, kh, kw, sh, sw,
 
 
 _maxpool_forward = Raw("minicnn_maxpool_forward", r"""
+{INDEX_WIDTH}
 // One thread per output: the window's maximum (padding is -inf) and which offset u*kw+v won (the first on ties).
 // I, the index type: int where every index fits (as in im2col).
 template <typename I>
@@ -837,8 +845,7 @@ extern "C" __global__ void {NAME}(const {T}* x, {T}* out, int* arg, const int n,
                                   const int w, const int kh, const int kw, const int sh, const int sw, const int ph,
                                   const int pw, const int oh, const int ow) {
   const long long total = (long long)n * c * oh * ow;
-  const long long largest = total > (long long)n * c * h * w ? total : (long long)n * c * h * w;
-  if (largest + (long long)blockDim.x * gridDim.x <= {NARROW})
+  if (fits_int(total, (long long)n * c * h * w))
     maxpool_forward_body<int>(x, out, arg, h, w, kh, kw, sh, sw, ph, pw, oh, ow, (int)total);
   else
     maxpool_forward_body<long long>(x, out, arg, h, w, kh, kw, sh, sw, ph, pw, oh, ow, total);
@@ -857,6 +864,7 @@ def _maxpool_backward_numpy(grid, block, dout, arg, dx, n, c, h, w, kh, kw, sh, 
 
 
 _maxpool_backward = Raw("minicnn_maxpool_backward", r"""
+{INDEX_WIDTH}
 // One thread per input pixel: the sum of dout over the windows whose maximum it was (I: as in im2col).
 template <typename I>
 __device__ void maxpool_backward_body(const {T}* dout, const int* arg, {T}* dx, const int h, const int w,
@@ -885,8 +893,7 @@ extern "C" __global__ void {NAME}(const {T}* dout, const int* arg, {T}* dx, cons
                                   const int w, const int kh, const int kw, const int sh, const int sw, const int ph,
                                   const int pw, const int oh, const int ow) {
   const long long total = (long long)n * c * h * w;
-  const long long largest = total > (long long)n * c * oh * ow ? total : (long long)n * c * oh * ow;
-  if (largest + (long long)blockDim.x * gridDim.x <= {NARROW})
+  if (fits_int(total, (long long)n * c * oh * ow))
     maxpool_backward_body<int>(dout, arg, dx, h, w, kh, kw, sh, sw, ph, pw, oh, ow, (int)total);
   else
     maxpool_backward_body<long long>(dout, arg, dx, h, w, kh, kw, sh, sw, ph, pw, oh, ow, total);

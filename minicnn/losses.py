@@ -108,10 +108,7 @@ class SoftmaxCrossEntropy:
     def _weights(self, xp, dtype, k):
         key = (xp.__name__, np.dtype(dtype))
         if key not in self._weights_on_device:
-            w = xp.asarray(self.class_weights, dtype=dtype)
-            if w.shape != (k,):
-                raise ValueError(f"SoftmaxCrossEntropy: expected {k} class weights, got shape {tuple(w.shape)}")
-            self._weights_on_device = {key: w}
+            self._weights_on_device = {key: xp.asarray(self.class_weights, dtype=dtype)}
         w = self._weights_on_device[key]
         if w.shape != (k,):
             raise ValueError(f"SoftmaxCrossEntropy: expected {k} class weights, got shape {tuple(w.shape)}")

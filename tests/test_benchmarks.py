@@ -256,13 +256,13 @@ def test_the_sass_count_compiles_each_index_path_alone():
     from minicnn import kernels  # noqa: PLC0415
 
     sass_count = _load_bench("sass_count")
-    narrow = {k.name: k for k in kernels.KERNELS.values() if isinstance(k, kernels.Raw) and "{NARROW}" in k.source}
+    narrow = {k.name: k for k in kernels.KERNELS.values() if isinstance(k, kernels.Raw) and "{INDEX_WIDTH}" in k.source}
     assert len(narrow) == 4
     for k in narrow.values():
         code = k.code("float")
         for path, other in (("int", "long long"), ("long long", "int")):
             alone = sass_count.one_path(code, path)
             assert f"_body<{path}>(" in alone.split("__global__")[1] and f"_body<{other}>(" not in alone.split(
-                "__global__")[1] and "largest +" not in alone
+                "__global__")[1] and "if (fits_int" not in alone
     with pytest.raises(ValueError, match="dispatch"):
         sass_count.one_path(kernels.KERNELS["minicnn_bn_stats_float"].code("float"), "int")

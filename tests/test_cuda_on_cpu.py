@@ -226,12 +226,25 @@ def test_every_kernel_runs_its_cuda_source_on_the_cpu_against_its_transliteratio
     assert expected - ran == set(), f"kernels whose CUDA source never ran here: {sorted(expected - ran)}"
 
 
+def test_gather_kernels_take_the_int_path_exactly_when_every_index_fits():
+    """fits_int: the larger array size plus one grid stride (here 2 blocks of 4 threads) at most 2**31 - 1."""
+    helper = kernels._INDEX_WIDTH.replace("{LIMIT}", f"{kernels.NARROW_INDEX_LIMIT}LL")
+    src = helper + '\nextern "C" __global__ void k(const long long* a, const long long* b, int* out) {\n' \
+        "  const int t = blockIdx.x * blockDim.x + threadIdx.x;\n  out[t] = fits_int(a[t], b[t]);\n}\n"
+    limit = 2**31 - 1 - 8
+    a = np.array([10, limit, limit + 1, 5, 5, 0, limit, 2**40], dtype=np.int64)
+    b = np.array([20, 3, 3, limit, limit + 1, 0, limit, 1], dtype=np.int64)
+    out = np.zeros(8, dtype=np.int32)
+    cuda_on_cpu.CpuKernel(src, "k")((2,), (4,), [a, b, out])
+    assert out.tolist() == [1, 1, 0, 1, 0, 1, 1, 0]
+
+
 def test_the_gather_kernels_64_bit_index_path_runs_too(both, monkeypatch):
     """im2col, col2im and max-pool index with int where every index fits, with long long beyond; arrays of
     2**31 elements are out of reach here, so the limit is set to 0 and every launch takes the 64-bit path."""
     monkeypatch.setattr(kernels, "NARROW_INDEX_LIMIT", 0)
     monkeypatch.setattr(kernels, "_compiled", {})  # the kernels are built again from the changed sources
-    narrow = [k for k in kernels.KERNELS.values() if isinstance(k, kernels.Raw) and "{NARROW}" in k.source]
+    narrow = [k for k in kernels.KERNELS.values() if isinstance(k, kernels.Raw) and "{INDEX_WIDTH}" in k.source]
     assert {k.name for k in narrow} == {"minicnn_im2col", "minicnn_col2im", "minicnn_maxpool_forward",
                                         "minicnn_maxpool_backward"}
     assert all("0LL" in k.code("float") and "2147483647LL" not in k.code("float") for k in narrow)
