@@ -29,7 +29,7 @@ import numpy as np
 from .backend import to_host
 
 __all__ = ["CheckpointError", "save_npz", "load_npz", "inspect_npz", "write_json", "write_text", "finite_json",
-           "MAX_ARRAY_BYTES", "clean_orphaned_tmp"]
+           "MAX_ARRAY_BYTES", "clean_orphaned_tmp", "quantize_int8", "dequantize_int8", "SCALE_PREFIX"]
 
 META_KEY = "__meta__"
 #: Largest total of array bytes a file may declare (the biggest zoo network with its Adam state is ~50 MB).
@@ -42,6 +42,72 @@ _NPY_MAGIC = b"\x93NUMPY"
 
 class CheckpointError(ValueError):
     """A file that cannot be used as a minicnn checkpoint; the message says why."""
+
+
+# -- int8 weights (``minicnn export --dtype int8``) -----------------------------------------
+#: ``scale/<name>`` holds the float32 scales of the int8 array ``<name>``.
+SCALE_PREFIX = "scale/"
+
+
+def _output_axis(ndim: int) -> int:
+    # Dense weights are (in, out): one scale per output column. Convolution kernels are
+    # (out, in, kh, kw): one scale per output channel. Scaling per output unit keeps a unit
+    # with small weights from being rounded to a few levels by its neighbours' large ones.
+    return 1 if ndim == 2 else 0
+
+
+def quantize_int8(array: np.ndarray):
+    """Symmetric int8 quantisation with one scale per output unit: ``(q, scale)``.
+
+    For an output unit ``i`` (a dense layer's column, a convolution's output channel)::
+
+        scale_i = max_j |W_ij| / 127          (1 where the unit's weights are all zero)
+        q_ij    = round(W_ij / scale_i)       in [-127, 127], stored as int8
+        W_ij   ~= q_ij * scale_i,             with |W_ij - q_ij * scale_i| <= scale_i / 2
+
+    ``scale`` is float32 and keeps ``array``'s number of axes (size 1 on all but the
+    output axis), so ``q * scale`` broadcasts back to the weights.
+    """
+    w = np.asarray(array, dtype=np.float64)
+    if w.ndim < 2:
+        raise ValueError(f"quantize_int8: expected a weight matrix or kernel (2 or more axes), got shape {w.shape}")
+    axis = _output_axis(w.ndim)
+    reduce = tuple(a for a in range(w.ndim) if a != axis)
+    peak = np.max(np.abs(w), axis=reduce, keepdims=True)
+    scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale.astype(np.float64)), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def dequantize_int8(arrays: dict, dtype=np.float32, source="arrays") -> dict:
+    """``arrays`` with every int8 array that has a ``scale/<name>`` entry turned back into ``dtype``.
+
+    The ``scale/`` entries are consumed; every other array is returned as it is. Refuses
+    (:class:`CheckpointError`, naming the array) a scale without its array, an int8 weight
+    without its scale, and a scale of the wrong shape or not finite and positive.
+    """
+    out = {k: v for k, v in arrays.items() if not k.startswith(SCALE_PREFIX)}
+    for key, scale in arrays.items():
+        if not key.startswith(SCALE_PREFIX):
+            continue
+        name = key[len(SCALE_PREFIX):]
+        q = arrays.get(name)
+        if q is None:
+            raise CheckpointError(f"{source}: {key!r} scales an array {name!r} that the file does not hold")
+        if q.dtype != np.int8:
+            raise CheckpointError(f"{source}: {name!r} has a scale ({key!r}) but dtype {q.dtype}, expected int8")
+        expected = tuple(n if a == _output_axis(q.ndim) else 1 for a, n in enumerate(q.shape))
+        if tuple(scale.shape) != expected:
+            raise CheckpointError(f"{source}: {key!r} has shape {tuple(scale.shape)}, expected {expected} "
+                                  f"(one scale per output unit of {name!r}, shape {tuple(q.shape)})")
+        if scale.dtype.kind != "f" or not (np.isfinite(scale).all() and (scale > 0).all()):
+            raise CheckpointError(f"{source}: {key!r} must hold finite, positive floating-point scales")
+        out[name] = (q.astype(np.float32) * scale.astype(np.float32)).astype(dtype, copy=False)
+    unscaled = sorted(k for k, v in out.items() if k.startswith(("param/", "buffer/")) and v.dtype == np.int8)
+    if unscaled:
+        raise CheckpointError(f"{source}: {unscaled[:4]} are int8 weights without their {SCALE_PREFIX}<name> scales; "
+                              "the file is damaged or was not written by minicnn export")
+    return out
 
 
 def _umask() -> int:

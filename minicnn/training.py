@@ -47,7 +47,8 @@ from pathlib import Path
 import numpy as np
 
 from . import backend
-from .checkpoint import CheckpointError, clean_orphaned_tmp, load_npz, save_npz, write_json, write_text
+from .checkpoint import (SCALE_PREFIX, CheckpointError, clean_orphaned_tmp, dequantize_int8, load_npz, quantize_int8,
+                         save_npz, write_json, write_text)
 from .graphs import GraphedStep
 from .losses import SoftmaxCrossEntropy
 from .optim import clip_grad_norm
@@ -149,6 +150,7 @@ def load_checkpoint(path, model=None, optimizer=None, schedule=None):
         built["model"] = target
 
     arrays, meta = load_npz(path, check=check)
+    arrays = dequantize_int8(arrays, source=path)  # int8 weights of ``minicnn export --dtype int8``
     model = built["model"]
     model_arrays = {k: v for k, v in arrays.items() if k.startswith(("param/", "buffer/"))}
     optim_arrays = {k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")}
@@ -228,8 +230,11 @@ def export_for_inference(src, dst, dtype=np.float32):
     model's dtype, so only the rounding of the stored values differs: 11 significant
     bits, an error of at most about 2**-11 of an array's largest value). A value
     beyond ``dtype``'s range is refused, naming the array, rather than stored as an
-    infinity. The result still loads with :func:`load_checkpoint`, but cannot
-    resume training.
+    infinity. ``int8`` quarters the file: weight matrices and kernels are stored as
+    int8 with one float32 scale per output unit (:func:`minicnn.checkpoint.quantize_int8`:
+    an error of at most half a step, 1/254 of the unit's largest weight), everything
+    else as float32; loading multiplies them back. The result still loads with
+    :func:`load_checkpoint`, but cannot resume training.
     """
     arrays, meta = load_npz(src)
     return save_npz(dst, *inference_arrays(arrays, meta, dtype, source=src))
@@ -238,13 +243,22 @@ def export_for_inference(src, dst, dtype=np.float32):
 def inference_arrays(arrays: dict, meta: dict, dtype=np.float32, source="checkpoint") -> tuple[dict, dict]:
     """The ``(arrays, meta)`` :func:`export_for_inference` writes, from a loaded checkpoint (``source`` names it)."""
     dtype = np.dtype(dtype)
-    if dtype.kind != "f":
-        raise ValueError(f"export_for_inference: dtype must be a floating-point type, got {dtype}")
+    if dtype.kind != "f" and dtype != np.int8:
+        raise ValueError(f"export_for_inference: dtype must be a floating-point type or int8, got {dtype}")
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{source}: not a minicnn training checkpoint (format {meta.get('format')!r})")
+    arrays = dequantize_int8(arrays, source=source)  # an exported int8 file can be exported again
     kept = {}
     for key, value in arrays.items():
         if key.startswith("optim/"):
+            continue
+        if dtype == np.int8 and value.dtype.kind == "f" and key.startswith(("param/", "buffer/")):
+            # int8 for the weight matrices and kernels (nearly all the bytes); biases, BatchNorm's
+            # scales and statistics stay float32: they are small, and the statistics span wide ranges.
+            if key.startswith("param/") and value.ndim >= 2:
+                kept[key], kept[SCALE_PREFIX + key] = quantize_int8(value)
+            else:
+                kept[key] = value.astype(np.float32)
             continue
         if value.dtype.kind == "f" and key.startswith(("param/", "buffer/")):
             with np.errstate(over="ignore"):  # an overflow is reported below, naming the array

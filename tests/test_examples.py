@@ -342,6 +342,26 @@ def test_export_writes_a_float16_file_that_evaluates_like_its_checkpoint(fer_run
     assert results["float16"]["num_examples"] == results["source"]["num_examples"] == 7 * N_TEST
 
 
+def test_export_writes_an_int8_file_that_evaluates_close_to_its_checkpoint(fer_run, tmp_path, capsys, cache_env):
+    export_script = load_script("export")
+    data, run = fer_run
+    out, half = tmp_path / "model8.npz", tmp_path / "model16.npz"
+    rc, stdout, _ = run_main(export_script, [str(run / "best.npz"), str(out), "--dtype", "int8"], capsys)
+    report = json.loads(stdout)
+    assert rc == 0 and report["dtype"] == "int8"
+    # within half a step of each output unit's largest weight (1/254); float16's 2**-11 would be finer
+    assert 2.0 ** -11 < report["rounding_error_vs_array_max"] <= 1 / 254 * 1.001
+    assert run_main(export_script, [str(run / "best.npz"), str(half), "--dtype", "float16"], capsys)[0] == 0
+    assert out.stat().st_size < 0.6 * half.stat().st_size  # int8 matrices; biases and BatchNorm stay float32
+    results = {}
+    for name, path in (("source", run / "best.npz"), ("int8", out)):
+        rc, stdout, _ = run_main(evaluate_script, ["--checkpoint", str(path), "--data", str(data)], capsys)
+        assert rc == 0
+        results[name] = json.loads(stdout)
+    assert results["int8"]["loss"] == pytest.approx(results["source"]["loss"], rel=3e-2)
+    assert results["int8"]["loss"] != results["source"]["loss"]
+
+
 def test_export_refuses_its_source_an_existing_file_and_a_non_checkpoint(fer_run, tmp_path, capsys):
     export_script = load_script("export")
     _, run = fer_run

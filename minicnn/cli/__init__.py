@@ -28,7 +28,7 @@ COMMANDS = {
     "predict": ("minicnn.cli.predict", "predict the expression of face images or folders of them"),
     "precise-bn": ("minicnn.cli.precise_bn", "recalibrate BatchNorm statistics on clean training images"),
     "bench": ("minicnn.cli.bench", "training-step throughput, minicnn vs PyTorch in the same run"),
-    "export": ("minicnn.cli.export", "a checkpoint as a file for inference: no optimiser state, float16 on request"),
+    "export": ("minicnn.cli.export", "a checkpoint as a file for inference: no optimiser state, float16 or int8 on request"),
     "cache": ("minicnn.cli.cache", "show or clear the cache of decoded FER-2013 arrays"),
 }
 

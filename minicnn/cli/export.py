@@ -1,7 +1,8 @@
-"""``minicnn export``: a training checkpoint as a file for inference (no optimiser state; float16 on request).
+"""``minicnn export``: a training checkpoint as a file for inference (no optimiser state; float16 or int8 on request).
 
     minicnn export runs/fer2013/best.npz model.npz                    # float32: a third of the checkpoint
     minicnn export runs/fer2013/best.npz model.npz --dtype float16    # a sixth: the shipped weights' format
+    minicnn export runs/fer2013/best.npz model.npz --dtype int8       # a twelfth
     minicnn evaluate --checkpoint model.npz --tta                     # evaluate / predict take it as is
 
 A training checkpoint holds the weights, the BatchNorm statistics and the optimiser's state
@@ -11,6 +12,10 @@ the normalisation, the history and any recorded TTA shift (see :func:`minicnn.ex
 ``--dtype float16`` stores weights and statistics in half precision; they are cast back to
 float32 when loaded, so the network computes in float32 with weights rounded to 11
 significant bits (the shipped ``hw3_cnn`` gives the same PublicTest accuracy either way).
+``--dtype int8`` stores each weight matrix and kernel as int8 with one float32 scale per
+output unit (a dense layer's column, a convolution's output channel) and the rest (biases,
+BatchNorm) as float32; loading multiplies them back, so the network computes in float32 with
+each weight within half a step (1/254 of its unit's largest weight) of the trained one.
 Measure the exported file with ``minicnn evaluate`` before you use it instead of the source.
 Exit codes: 0 written, 2 an unusable checkpoint or destination.
 """
@@ -23,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minicnn.checkpoint import CheckpointError, load_npz, save_npz
+from minicnn.checkpoint import CheckpointError, dequantize_int8, load_npz, save_npz
 from minicnn.training import inference_arrays
 
 
@@ -31,8 +36,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint written by train.py (best.npz, last.npz) or an exported file")
     p.add_argument("out", help="the file to write (.npz), not the checkpoint itself")
-    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
-                   help="how weights and BatchNorm statistics are stored (default float32)")
+    p.add_argument("--dtype", choices=["float32", "float16", "int8"], default="float32",
+                   help="how weights and BatchNorm statistics are stored (default float32; int8: the weight "
+                        "matrices and kernels, with a float32 scale per output unit)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     if Path(args.out).resolve() == Path(args.checkpoint).resolve():
@@ -54,10 +60,13 @@ def main(argv=None) -> int:
     except OSError as exc:  # an unwritable folder, a full disk: save_npz is atomic, nothing half-written stays
         print(f"error: {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    weights = [k for k in exported if k.startswith(("param/", "buffer/")) and exported[k].dtype.kind == "f"]
-    # Rounding error of each array relative to its largest value (float16: at most 2**-11, about 4.9e-4).
-    rounding = max((float(np.max(np.abs(exported[k].astype(np.float64) - source[k])) / np.max(np.abs(source[k])))
-                    for k in weights if exported[k].size and np.any(source[k])), default=0.0)
+    loaded = dequantize_int8(exported, source=args.out)  # what loading the file gives
+    source = dequantize_int8(source, source=args.checkpoint)
+    weights = [k for k in loaded if k.startswith(("param/", "buffer/")) and loaded[k].dtype.kind == "f"]
+    # Rounding error of each array relative to its largest value (float16: at most 2**-11, about 4.9e-4;
+    # int8: at most 1/254, about 3.9e-3, of the largest weight of each output unit).
+    rounding = max((float(np.max(np.abs(loaded[k].astype(np.float64) - source[k])) / np.max(np.abs(source[k])))
+                    for k in weights if loaded[k].size and np.any(source[k])), default=0.0)
     model = meta.get("model") or {}
     print(json.dumps({
         "out": str(out), "model": model.get("name"), "dtype": args.dtype,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import get_array_module, get_default_dtype, module_of, to_array_module, to_host
-from ..checkpoint import CheckpointError, load_npz, save_npz
+from ..checkpoint import CheckpointError, dequantize_int8, load_npz, save_npz
 from ..layers.base import Container, Layer
 
 __all__ = ["Sequential"]
@@ -256,5 +256,5 @@ class Sequential(Container):
         # A training checkpoint also holds optimiser state ("optim/...") and may hold
         # normalisation statistics ("data/..."): those are not the model's business.
         arrays = {k: v for k, v in arrays.items() if not k.startswith(("optim/", "data/", "schedule/"))}
-        self.load_state_arrays(arrays, source=str(path))
+        self.load_state_arrays(dequantize_int8(arrays, source=str(path)), source=str(path))
         return meta
