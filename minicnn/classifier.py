@@ -33,6 +33,8 @@ PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 PRETRAINED_NAMES = {
     "hw3_cnn": "Machine Learning Homework 3 CNN trained on FER-2013 (7 classes); see README's results table",
     "amth667_cnn": "AMTH 667 CNN trained on FER-2013 (7 classes) with minicnn's recipe; see README's results table",
+    "dlcv_cnn": "Deep Learning / Computer Vision CNN trained on FER-2013 (7 classes), int8 weights; see README's "
+                "results table",
 }
 
 

@@ -90,13 +90,14 @@ def test_load_names_the_problem_with_files_that_are_not_training_checkpoints(tmp
 
 def test_the_shipped_network_is_package_data():
     assert pretrained_path("hw3_cnn") == PRETRAINED_DIR / "hw3_cnn.npz"
-    with pytest.raises(ValueError, match=r"no pretrained network 'resnet50': minicnn ships \['amth667_cnn', 'hw3_cnn'\]"):
+    with pytest.raises(ValueError, match=r"no pretrained network 'resnet50': minicnn ships \['amth667_cnn', 'dlcv_cnn', 'hw3_cnn'\]"):
         minicnn.pretrained("resnet50")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, at_least", [("hw3_cnn", 0.64),  # README: 65.3 % in one pass
-                                            ("amth667_cnn", 0.53)])  # README: 53.6 %
+                                            ("amth667_cnn", 0.53),  # README: 53.6 %
+                                            ("dlcv_cnn", 0.59)])  # README: 59.9 % (int8)
 def test_the_shipped_networks_reach_their_accuracy_on_raw_publictest_pixels(name, at_least, fer2013_path):
     from minicnn.data import load_fer2013  # noqa: PLC0415
 
@@ -105,14 +106,25 @@ def test_the_shipped_networks_reach_their_accuracy_on_raw_publictest_pixels(name
     assert result["accuracy"] > at_least, result
 
 
+#: how each shipped file stores its weights (README: "The minicnn command")
+SHIPPED_AS = {"hw3_cnn": "float16", "amth667_cnn": "float16", "dlcv_cnn": "int8"}
+
+
 def test_every_shipped_network_is_a_zoo_network_of_seven_classes():
+    assert set(SHIPPED_AS) == set(minicnn.classifier.PRETRAINED_NAMES)
     for name in minicnn.classifier.PRETRAINED_NAMES:
         clf = minicnn.pretrained(name)
         assert clf.model.name == name and len(clf.class_names) == 7
         stored = np.load(pretrained_path(name))
         assert not any(k.startswith("optim/") for k in stored.files)  # exported
-        weights = [k for k in stored.files if k.startswith(("param/", "buffer/")) and stored[k].dtype.kind == "f"]
-        assert weights and {stored[k].dtype for k in weights} == {np.dtype(np.float16)}  # half the bytes
+        state = [k for k in stored.files if k.startswith(("param/", "buffer/"))]
+        if SHIPPED_AS[name] == "float16":  # half the bytes
+            assert state and {stored[k].dtype for k in state} == {np.dtype(np.float16)}
+        else:  # int8 weight matrices and kernels with their scales; biases and BatchNorm in float32
+            matrices = {k for k in state if k.startswith("param/") and stored[k].ndim >= 2}
+            assert matrices and {stored[k].dtype for k in matrices} == {np.dtype(np.int8)}
+            assert {k for k in stored.files if k.startswith("scale/")} == {"scale/" + k for k in matrices}
+            assert {stored[k].dtype for k in set(state) - matrices} == {np.dtype(np.float32)}
         assert {p.dtype for p in clf.model.params.values()} == {np.dtype(np.float32)}  # computed in float32
 
 
