@@ -324,6 +324,16 @@ def test_precise_bn_refuses_to_overwrite_and_names_a_bad_checkpoint(fer_run, tmp
 # --------------------------------------------------------------------------- minicnn export
 
 
+def evaluate_checkpoints(data, capsys, **paths):
+    """``{name: evaluate.py's JSON report}`` for each checkpoint ``name=path``, on the test split of ``data``."""
+    results = {}
+    for name, path in paths.items():
+        rc, stdout, _ = run_main(evaluate_script, ["--checkpoint", str(path), "--data", str(data)], capsys)
+        assert rc == 0, name
+        results[name] = json.loads(stdout)
+    return results
+
+
 def test_export_writes_a_float16_file_that_evaluates_like_its_checkpoint(fer_run, tmp_path, capsys, cache_env):
     export_script = load_script("export")
     data, run = fer_run
@@ -333,11 +343,7 @@ def test_export_writes_a_float16_file_that_evaluates_like_its_checkpoint(fer_run
     assert rc == 0 and report["model"] == "hw3_cnn" and report["dtype"] == "float16"
     assert report["optimiser_arrays_dropped"] > 0 and 0 < report["rounding_error_vs_array_max"] <= 2.0 ** -11
     assert report["bytes"]["exported"] == out.stat().st_size < report["bytes"]["checkpoint"] / 4  # Adam: 3 copies
-    results = {}
-    for name, path in (("source", run / "best.npz"), ("float16", out)):
-        rc, stdout, _ = run_main(evaluate_script, ["--checkpoint", str(path), "--data", str(data)], capsys)
-        assert rc == 0
-        results[name] = json.loads(stdout)
+    results = evaluate_checkpoints(data, capsys, source=run / "best.npz", float16=out)
     assert results["float16"]["loss"] == pytest.approx(results["source"]["loss"], rel=1e-2)
     assert results["float16"]["num_examples"] == results["source"]["num_examples"] == 7 * N_TEST
 
@@ -353,11 +359,7 @@ def test_export_writes_an_int8_file_that_evaluates_close_to_its_checkpoint(fer_r
     assert 2.0 ** -11 < report["rounding_error_vs_array_max"] <= 1 / 254 * 1.001
     assert run_main(export_script, [str(run / "best.npz"), str(half), "--dtype", "float16"], capsys)[0] == 0
     assert out.stat().st_size < 0.6 * half.stat().st_size  # int8 matrices; biases and BatchNorm stay float32
-    results = {}
-    for name, path in (("source", run / "best.npz"), ("int8", out)):
-        rc, stdout, _ = run_main(evaluate_script, ["--checkpoint", str(path), "--data", str(data)], capsys)
-        assert rc == 0
-        results[name] = json.loads(stdout)
+    results = evaluate_checkpoints(data, capsys, source=run / "best.npz", int8=out)
     assert results["int8"]["loss"] == pytest.approx(results["source"]["loss"], rel=3e-2)
     assert results["int8"]["loss"] != results["source"]["loss"]
 
