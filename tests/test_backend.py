@@ -1,4 +1,7 @@
 """Backend selection, device moves, seeding, dtypes and initialisers."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -124,3 +127,39 @@ def test_conv_initialiser_uses_fan_in_of_the_receptive_field():
 def test_unknown_initialiser_is_rejected():
     with pytest.raises(ValueError, match="he_normal"):
         minicnn.Dense(2, 2, init="orthogonal")
+
+
+FAULTS_AFTER_FREE = """
+import resource, sys
+import subprocess
+import sys
+
+import numpy as np
+import minicnn
+if sys.argv[1] == "heap":
+    assert minicnn.backend.use_heap_allocator()
+def minor_faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+a = np.ones(16_000_000, np.float32)  # 64 MB: above glibc's largest mmap threshold (32 MB)
+del a
+counts = []
+for _ in range(4):
+    before = minor_faults()
+    a = np.ones(16_000_000, np.float32)
+    del a
+    counts.append(minor_faults() - before)
+print(max(counts))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="use_heap_allocator tunes glibc's malloc (Linux)")
+def test_heap_allocator_reuses_freed_large_arrays_without_page_faults():
+    # A fresh process each: the setting is process-wide and cannot be undone.
+    def worst(mode):
+        out = subprocess.run([sys.executable, "-c", FAULTS_AFTER_FREE, mode], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.split()[-1])
+
+    assert worst("default") >= 50  # glibc maps each 64 MB array fresh: at least one fault per 2 MB huge page
+    assert worst("heap") <= 5  # the freed block is reused, its pages already mapped

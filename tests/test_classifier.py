@@ -175,12 +175,21 @@ def test_predict_reads_image_files_and_folders_as_the_loader_does(tmp_path):
         clf.predict([tmp_path / "gone.png"])
 
 
-def test_the_shipped_weights_record_the_tta_padding_chosen_on_validation(shipped):
-    """`minicnn evaluate --split val --tta --choose-tta-padding 2 3 4` on the shipped file recorded padding 2."""
-    tta = shipped.meta["tta"]
-    assert tta["chosen_on"] == "val" and tta["padding"] == shipped.tta_padding == 2
+TTA_PADDING_CHOSEN = {"hw3_cnn": 2, "amth667_cnn": 2, "dlcv_cnn": 3}
+
+
+@pytest.mark.parametrize("name", sorted(TTA_PADDING_CHOSEN))
+def test_the_shipped_weights_record_the_tta_padding_chosen_on_validation(name):
+    """`minicnn evaluate --split val --tta --choose-tta-padding 2 3 4` on each shipped file recorded its padding."""
+    assert set(TTA_PADDING_CHOSEN) == set(minicnn.classifier.PRETRAINED_NAMES)
+    clf = minicnn.pretrained(name)
+    tta = clf.meta["tta"]
+    assert tta["chosen_on"] == "val" and tta["padding"] == clf.tta_padding == TTA_PADDING_CHOSEN[name]
     assert set(tta["candidates"]) == {"2", "3", "4"}
-    assert tta["val_accuracy"] == max(tta["candidates"].values()) == tta["candidates"]["2"]
+    best = max(tta["candidates"].values())
+    # the best on val, the first of equals in the order tried
+    assert tta["val_accuracy"] == best == tta["candidates"][str(tta["padding"])]
+    assert all(tta["candidates"][str(q)] < best for q in (2, 3, 4) if q < tta["padding"])
     # chosen on the very validation split the weights were selected on (not on a test set)
-    val = shipped.meta["data_fingerprint"]["val"]
+    val = clf.meta["data_fingerprint"]["val"]
     assert tta["val_fingerprint"] == val["sha256"] and tta["val_images"] == val["images"]

@@ -86,13 +86,16 @@ def test_a_run_travels_back_resumes_from_last_npz_alone_and_is_evaluated_here(da
     assert (local / "last.npz").read_bytes() == (tmp_path / "device1" / "last.npz").read_bytes()
     assert "unpacked" in capsys.readouterr().out
 
-    # The next session carries last.npz alone and lengthens the run.
+    # The next session carries last.npz.packed alone (smaller, bit-exact) and lengthens the run.
+    assert travel.main(["carry", str(local)]) == 0
+    assert "carry it to the GPU session" in capsys.readouterr().out
     device2 = tmp_path / "device2"
     device2.mkdir()
-    shutil.copyfile(local / "last.npz", device2 / "last.npz")
+    shutil.copyfile(local / "last.npz.packed", device2 / "last.npz.packed")
     second = gpu_train(tmp_path / "out2", device2, 600, train_only, "--epochs", "3", cache=cache)
     assert second["mode"] == "resume" and second["epochs_done"] == 3
     log = (tmp_path / "out2" / "train.log").read_text()
+    assert "expanded" in log and "SHA-256 checked" in log
     assert "resumed from" in log and "after epoch 2" in log
     travel.unpack(tmp_path / "out2", local)
     assert [r["epoch"] for r in json.loads((local / "history.json").read_text())] == [1, 2, 3]
@@ -126,28 +129,42 @@ def test_the_time_limit_stops_after_a_finished_epoch_and_the_run_still_packs(dat
     assert meta["epoch"] == summary.get("epochs_done", 0) < 5000
 
 
-@pytest.fixture
-def packed(tmp_path):
-    """A checkpoint as train.py writes it (one epoch on the tiny data), packed in pieces of 1 MB."""
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A run folder as train.py writes it: one epoch of hw3_dnn with SGD momentum on the tiny data."""
     from minicnn.cli import train  # noqa: PLC0415
 
-    data = write_fer(tmp_path / "data", with_test=False)
-    run = tmp_path / "run"
-    os.environ["MINICNN_CACHE"] = str(tmp_path / "cache")
+    base = tmp_path_factory.mktemp("trained_run")
+    data = write_fer(base / "data", with_test=False)
+    run = base / "run"
+    os.environ["MINICNN_CACHE"] = str(base / "cache")
     try:
         assert train.main(["--data", str(data), "--out", str(run), "--epochs", "1", "--model", "hw3_dnn",
                            "--optimizer", "sgd", "--momentum", "0.9", "--no-progress", "--no-test"]) == 0
     finally:
         del os.environ["MINICNN_CACHE"]
+    return run
+
+
+@pytest.fixture
+def packed(trained_run, tmp_path):
+    """A copy of ``trained_run`` (each test may damage it), packed in pieces of 1 MB."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
     manifest = travel.pack(run, tmp_path / "out", piece_bytes=1_000_000)
     return run, tmp_path / "out", manifest
 
 
 def test_pack_cuts_pieces_and_unpack_joins_them_exactly(packed, tmp_path):
     run, out, manifest = packed
-    pieces = manifest["last.npz"]["pieces"]
-    assert len(pieces) == -(-(run / "last.npz").stat().st_size // 1_000_000) > 1
+    record = manifest["last.npz"]
+    pieces = record["pieces"]
+    assert record["bytes"] == (run / "last.npz").stat().st_size
+    assert record["packed"]["bytes"] < 0.93 * record["bytes"]  # the byte planes compress; the raw file hardly
+    assert len(pieces) == -(-record["packed"]["bytes"] // 1_000_000) > 1
     assert all(p["bytes"] <= 1_000_000 for p in pieces)
+    assert all(p["name"].startswith("last.npz.packed.part") for p in pieces)
+    assert not (out / "last.npz.packed").exists()  # only the pieces travel
     from minicnn.training import load_checkpoint  # noqa: PLC0415
 
     _, best_arrays, _ = load_checkpoint(out / "best.npz")
@@ -177,7 +194,7 @@ def test_a_damaged_or_missing_piece_is_refused_by_name_and_nothing_is_replaced(p
             data = data[:-1]
         piece.write_bytes(bytes(data))
     word = "missing" if damage == "missing" else "damaged"
-    with pytest.raises(travel.TravelError, match=rf"last\.npz\.part01 is {word}"):
+    with pytest.raises(travel.TravelError, match=rf"last\.npz\.packed\.part01 is {word}"):
         travel.unpack(out, local)
     assert (local / "last.npz").read_bytes() == b"the previous session's checkpoint"
     assert sorted(p.name for p in local.iterdir()) == ["last.npz"]  # no temporary file left behind
@@ -204,3 +221,83 @@ def test_split_file_pieces_join_back_to_the_file(tmp_path_factory, payload, piec
     assert len(pieces) == max(1, -(-len(payload) // piece))
     assert all(p["bytes"] <= piece for p in pieces)
     assert b"".join((folder / p["name"]).read_bytes() for p in pieces) == payload
+
+
+@settings(max_examples=60, deadline=None)
+@given(payload=st.binary(min_size=0, max_size=300), planes=st.integers(1, 8))
+def test_byte_planes_join_back_to_the_bytes(payload, planes):
+    split = travel.split_planes(payload, planes)
+    assert len(split) == len(payload)
+    assert travel.join_planes(split, planes) == payload
+    if len(payload) >= 2 * planes:  # the first plane holds byte 0 of every word
+        assert split[: len(payload) // planes] == payload[: len(payload) // planes * planes : planes]
+
+
+def test_an_older_manifest_without_packing_still_unpacks(packed, tmp_path):
+    run, _, _ = packed
+    old = tmp_path / "old"
+    old.mkdir()
+    last = run / "last.npz"
+    (old / "travel.json").write_text(json.dumps({"last.npz": {
+        "bytes": last.stat().st_size, "sha256": travel.sha256_of(last),
+        "pieces": travel.split_file(last, old, 1_000_000)}}))
+    assert travel.unpack(old, tmp_path / "local") == ["last.npz"]
+    assert (tmp_path / "local" / "last.npz").read_bytes() == last.read_bytes()
+
+
+def test_carry_and_expand_round_trip_and_never_overwrite_a_different_run(packed, tmp_path):
+    run, _, _ = packed
+    original = (run / "last.npz").read_bytes()
+    packed_file = travel.carry(run)
+    assert packed_file.name == "last.npz.packed" and packed_file.stat().st_size < 0.93 * len(original)
+    device = tmp_path / "device"
+    device.mkdir()
+    shutil.copyfile(packed_file, device / "last.npz.packed")
+    assert travel.expand(device).read_bytes() == original
+    assert travel.expand(device).read_bytes() == original  # the same bytes again: nothing to do
+    (device / "last.npz").write_bytes(b"a newer state of the run")
+    with pytest.raises(travel.TravelError, match="last.npz exists and differs"):
+        travel.expand(device)
+    assert (device / "last.npz").read_bytes() == b"a newer state of the run"
+    with pytest.raises(travel.TravelError, match="last.npz.packed does not exist"):
+        travel.expand(tmp_path)
+    with pytest.raises(travel.TravelError, match="holds no run to carry"):
+        travel.carry(tmp_path)
+    (tmp_path / "last.npz").write_bytes(b"not a zip")
+    with pytest.raises(travel.TravelError, match="does not open as a checkpoint"):
+        travel.carry(tmp_path)
+    assert not (tmp_path / "last.npz.packed").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("magic", "is not a packed file"),
+    ("header", "damaged header line"),
+    ("flip", "is damaged"),
+    ("truncated", "is damaged"),
+    ("sha", "should expand to"),
+])
+def test_a_damaged_packed_file_is_refused_by_name(packed, tmp_path, damage, message, capsys):
+    run, _, _ = packed
+    data = bytearray(travel.carry(run).read_bytes())
+    header_end = data.index(b"\n", len(travel.PACKED_MAGIC))
+    if damage == "magic":
+        data[0:8] = b"PK\x03\x04...."
+    elif damage == "header":
+        data[len(travel.PACKED_MAGIC)] = ord("[")
+    elif damage == "flip":
+        data[header_end + 5000] ^= 0xFF
+    elif damage == "truncated":
+        del data[-100:]
+    else:  # a well-formed file whose header promises other bytes
+        header = json.loads(data[len(travel.PACKED_MAGIC):header_end])
+        header["sha256"] = "0" * 64
+        data[len(travel.PACKED_MAGIC):header_end] = json.dumps(header).encode()
+    device = tmp_path / "device"
+    device.mkdir()
+    (device / "last.npz.packed").write_bytes(bytes(data))
+    with pytest.raises(travel.TravelError, match=message) as info:
+        travel.expand(device)
+    assert "last.npz.packed" in str(info.value)
+    assert sorted(p.name for p in device.iterdir()) == ["last.npz.packed"]  # nothing half-written
+    assert travel.main(["expand", str(device)]) == 2
+    assert "travel.py: " in capsys.readouterr().err

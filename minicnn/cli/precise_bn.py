@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         minicnn.set_backend(args.backend)
+        minicnn.backend.use_heap_allocator()  # CPU: reuse freed activations, no fresh page faults per batch
         model, norm, class_names, meta = open_checkpoint(args.checkpoint)
         arrays, _ = load_npz(args.checkpoint)  # everything the file holds, to be copied unchanged
         targs = training_args(meta, class_names)

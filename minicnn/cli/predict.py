@@ -141,6 +141,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         minicnn.set_backend(args.backend)
+        minicnn.backend.use_heap_allocator()  # CPU: reuse freed activations, no fresh page faults per batch
         clf, ckpt = open_classifier(args.checkpoint)
     except (minicnn.CheckpointError, BackendUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
