@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from minicnn.checkpoint import CheckpointError  # noqa: E402
+from minicnn.checkpoint import CheckpointError, write_bytes  # noqa: E402
 from minicnn.cli.common import open_checkpoint  # noqa: E402
 from minicnn.training import export_for_inference  # noqa: E402
 
@@ -84,16 +84,6 @@ def join_planes(data: bytes, planes: int = PLANES) -> bytes:
     whole = len(data) // planes * planes
     columns = np.frombuffer(data, dtype=np.uint8, count=whole).reshape(planes, -1)
     return columns.T.tobytes() + data[whole:]
-
-
-def _replace_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".travel-tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def packed_bytes(path: Path) -> bytes:
@@ -139,7 +129,7 @@ def carry(run_dir: Path) -> Path:
     except CheckpointError as exc:
         raise TravelError(f"{last} does not open as a checkpoint, so it is not worth carrying: {exc}") from None
     packed = run_dir / ("last.npz" + PACKED_SUFFIX)
-    _replace_atomically(packed, packed_bytes(last))
+    write_bytes(packed, packed_bytes(last))
     return packed
 
 
@@ -156,7 +146,7 @@ def expand(run_dir: Path) -> Path:
         raise TravelError(f"{last} exists and differs from what {packed.name} holds: refusing to replace it "
                           f"(remove {last.name} to resume from the packed file, or run `travel.py carry` to "
                           f"pack the current one)")
-    _replace_atomically(last, data)
+    write_bytes(last, data)
     return last
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from .backend import to_host
 
-__all__ = ["CheckpointError", "save_npz", "load_npz", "inspect_npz", "write_json", "write_text", "finite_json",
+__all__ = ["CheckpointError", "save_npz", "load_npz", "inspect_npz", "write_json", "write_text", "write_bytes", "finite_json",
            "MAX_ARRAY_BYTES", "clean_orphaned_tmp", "quantize_int8", "dequantize_int8", "SCALE_PREFIX"]
 
 META_KEY = "__meta__"
@@ -182,9 +182,14 @@ def finite_json(obj):
     return obj
 
 
+def write_bytes(path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    return _write_atomic(Path(path), lambda fh: fh.write(data))
+
+
 def write_text(path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (UTF-8)."""
-    return _write_atomic(Path(path), lambda fh: fh.write(text.encode()))
+    return write_bytes(path, text.encode())
 
 
 def write_json(path, obj, indent=1) -> Path:

@@ -131,9 +131,6 @@ def test_unknown_initialiser_is_rejected():
 
 FAULTS_AFTER_FREE = """
 import resource, sys
-import subprocess
-import sys
-
 import numpy as np
 import minicnn
 if sys.argv[1] == "heap":

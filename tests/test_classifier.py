@@ -18,11 +18,6 @@ from minicnn.training import save_checkpoint
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def shipped():
-    return minicnn.pretrained("hw3_cnn")
-
-
 def tiny(num_classes=3):
     return minicnn.Sequential([minicnn.Conv2D(1, 2, 3, padding=1), minicnn.BatchNorm2D(2), minicnn.ReLU(),
                                minicnn.Flatten(), minicnn.Dense(2 * 8 * 8, num_classes)],
