@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""How fast can a NumPy convolution be? minicnn's im2col + GEMM against a NumPy Winograd F(2x2, 3x3)
-and PyTorch's CPU convolution (oneDNN), in the same run, on hw3_cnn's four 3x3 convolutions
-(``--shapes zoo``: the 3x3 convolutions of the deeper zoo networks too).
+"""How fast can a NumPy convolution be? minicnn's two algorithms, im2col + GEMM and row shifts + 3 GEMMs,
+against a NumPy Winograd F(2x2, 3x3) and PyTorch's CPU convolution (oneDNN), in the same run, on
+hw3_cnn's four 3x3 convolutions (``--shapes zoo``: the 3x3 convolutions of the deeper zoo networks too).
 
-For each shape: the forward pass (im2col + one GEMM + the NCHW copy, as ``minicnn.Conv2D.forward``),
-the forward and backward pass of the layer, the time of the layer's matrix products alone (its
+For each shape: the forward pass by im2col (im2col + one GEMM + the NCHW copy, as
+``minicnn.Conv2D(..., algorithm="im2col").forward``) and by row shifts (``algorithm="shifted"``, the
+default for stride 1: ``shifted_rows`` + three GEMMs + the NCHW copy), the forward and backward pass of
+the layer both ways, what each keeps for backward (MB), the time of im2col's matrix products alone (its
 three GEMMs, the GEMM-bound limit of im2col), the input gradient both ways (``col2im(W_mat^T @ G)``
 against ``conv_input_grad``, the convolution of dout with the turned kernel) and which of the two
 ``Conv2D.backward`` takes, a Winograd forward written with NumPy array operations
@@ -144,7 +146,9 @@ def main(argv=None):
     with threadpool_limits(args.threads):
         for c, f, h in HW3_CONVS if args.shapes == "hw3" else ZOO_CONVS:
             minicnn.seed(0)
-            layer = minicnn.Conv2D(c, f, 3, padding=1, bias=False)
+            layer = minicnn.Conv2D(c, f, 3, padding=1, bias=False, algorithm="im2col")
+            shifted = minicnn.Conv2D(c, f, 3, padding=1, bias=False, algorithm="shifted")
+            shifted.params["W"][...] = layer.params["W"]
             rng = np.random.default_rng(0)
             x = rng.standard_normal((args.batch, c, h, h)).astype(np.float32)
             dout = rng.standard_normal((args.batch, f, h, h)).astype(np.float32)
@@ -156,7 +160,7 @@ def main(argv=None):
             tx = torch.from_numpy(x).requires_grad_(True)  # both compute dx, as for an inner layer
             theirs = tconv(tx).detach().numpy()
             scale = float(np.abs(ours).max())
-            for name, other in (("winograd", wino), ("torch", theirs)):
+            for name, other in (("winograd", wino), ("torch", theirs), ("shifted", shifted.forward(x))):
                 err = float(np.abs(other - ours).max()) / scale
                 if err > 1e-4:
                     sys.exit(f"error: {name} convolution differs from minicnn.Conv2D by {err:.2e} (relative) "
@@ -167,9 +171,20 @@ def main(argv=None):
                 sys.exit(f"error: the two input gradients differ by {dx_err:.2e} (relative) for shape {(c, f, h)}")
             tdout = torch.from_numpy(dout)
 
+            kept_mb = {}
+            for name, conv in (("im2col", layer), ("shifted", shifted)):
+                conv.forward(x)
+                kept_mb[name] = round(conv.cache[2].nbytes / 2**20, 1)
+                if float(np.abs(conv.backward(dout) - by_convolution()).max()) > 1e-4 * float(np.abs(by_convolution()).max()):
+                    sys.exit(f"error: the {name} layer's input gradient is wrong for shape {(c, f, h)}")
+
             def ours_fwd_bwd():
                 layer.forward(x)
                 layer.backward(dout)
+
+            def shifted_fwd_bwd():
+                shifted.forward(x)
+                shifted.backward(dout)
 
             def torch_fwd_bwd():
                 tconv.weight.grad = None
@@ -178,25 +193,34 @@ def main(argv=None):
             with torch.no_grad():
                 torch_fwd = best(lambda: tconv(tx))
             row = {"shape": f"{c}->{f}, {h}x{h}", "im2col_fwd_ms": round(best(lambda: layer.forward(x)), 2),
+                   "shifted_fwd_ms": round(best(lambda: shifted.forward(x)), 2),
                    "winograd_fwd_ms": round(best(lambda: winograd_conv3x3(x, layer.params["W"])), 2),
                    "torch_fwd_ms": round(torch_fwd, 2),
                    "im2col_fwd_bwd_ms": round(best(ours_fwd_bwd), 2),
+                   "shifted_fwd_bwd_ms": round(best(shifted_fwd_bwd), 2),
                    "gemms_only_ms": round(best(_gemms(layer, x, dout)), 2),
                    "torch_fwd_bwd_ms": round(best(torch_fwd_bwd), 2),
                    "dx_col2im_ms": round(best(by_col2im), 2), "dx_convolution_ms": round(best(by_convolution), 2),
-                   "dx_path": "convolution" if layer._dx_by_convolution() else "col2im"}
-            row["minicnn_vs_torch_fwd_bwd"] = round(row["torch_fwd_bwd_ms"] / row["im2col_fwd_bwd_ms"], 3)
+                   "dx_path": "convolution" if layer._dx_by_convolution() else "col2im",
+                   "im2col_kept_mb": kept_mb["im2col"], "shifted_kept_mb": kept_mb["shifted"]}
+            row["im2col_vs_torch_fwd_bwd"] = round(row["torch_fwd_bwd_ms"] / row["im2col_fwd_bwd_ms"], 3)
+            row["shifted_vs_torch_fwd_bwd"] = round(row["torch_fwd_bwd_ms"] / row["shifted_fwd_bwd_ms"], 3)
+            row["shifted_speedup"] = round(row["im2col_fwd_bwd_ms"] / row["shifted_fwd_bwd_ms"], 3)
             rows.append(row)
             print(f"{row['shape']}: done", flush=True)
-    total = {k: round(sum(r[k] for r in rows), 1) for k in rows[0] if k.endswith("_ms")}
+    total = {k: round(sum(r[k] for r in rows), 1) for k in rows[0] if k.endswith(("_ms", "_mb"))}
     rows.append({"shape": f"all {len(rows)}", **total, "dx_path": "",
-                 "minicnn_vs_torch_fwd_bwd": round(total["torch_fwd_bwd_ms"] / total["im2col_fwd_bwd_ms"], 3)})
-    cols = ["shape", "im2col_fwd_ms", "winograd_fwd_ms", "torch_fwd_ms", "im2col_fwd_bwd_ms", "gemms_only_ms",
-            "torch_fwd_bwd_ms", "minicnn_vs_torch_fwd_bwd", "dx_col2im_ms", "dx_convolution_ms", "dx_path"]
+                 "im2col_vs_torch_fwd_bwd": round(total["torch_fwd_bwd_ms"] / total["im2col_fwd_bwd_ms"], 3),
+                 "shifted_vs_torch_fwd_bwd": round(total["torch_fwd_bwd_ms"] / total["shifted_fwd_bwd_ms"], 3),
+                 "shifted_speedup": round(total["im2col_fwd_bwd_ms"] / total["shifted_fwd_bwd_ms"], 3)})
+    cols = ["shape", "im2col_fwd_ms", "shifted_fwd_ms", "winograd_fwd_ms", "torch_fwd_ms", "im2col_fwd_bwd_ms",
+            "shifted_fwd_bwd_ms", "gemms_only_ms", "torch_fwd_bwd_ms", "im2col_vs_torch_fwd_bwd",
+            "shifted_vs_torch_fwd_bwd", "shifted_speedup", "im2col_kept_mb", "shifted_kept_mb",
+            "dx_col2im_ms", "dx_convolution_ms", "dx_path"]
     which = "hw3_cnn's" if args.shapes == "hw3" else "The zoo's"
     print(f"\n{which} 3x3 convolutions, batch {args.batch}, float32, {args.threads} thread(s), best of "
-          f"{args.repeats} (ms); minicnn_vs_torch = PyTorch time / minicnn time (forward + backward, "
-          "both with the input gradient)")
+          f"{args.repeats} (ms); X_vs_torch = PyTorch time / minicnn time (forward + backward, both with the "
+          "input gradient); shifted_speedup = im2col time / shifted time; kept_mb: what forward keeps for backward")
     print(markdown_table(rows, cols))
     out = args.json or default_json_path("conv_algorithms")
     write_json(out, {"benchmark": "conv_algorithms", "shapes": args.shapes, "batch": args.batch, "threads": args.threads,

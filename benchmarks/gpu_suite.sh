@@ -43,13 +43,14 @@ stage gpu_tests 170 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" 
   tests/test_cupy_cli.py tests/test_graphs.py --junitxml="$OUT/gpu_tests.xml" -o junit_family=xunit1
 # Training steps against PyTorch eager (cudnn.benchmark, TF32 off on both sides), with peaks of device memory:
 # the reports' small networks at three batch sizes (fused, generic and replayed as a CUDA graph), the deeper zoo
-# at 128, and PyTorch under torch.compile (inductor) at 128; the three reports are merged into one file (the
+# at 128 (also with convolutions by row shifts, to see whether their memory saving costs time on a GPU too), and
+# PyTorch under torch.compile (inductor) at 128; the three reports are merged into one file (the
 # device returns 8 files at most).
 stage train_step 70 "$PY" benchmarks/bench_train_step.py --backend cupy --models hw3_cnn hw3_dnn \
   --batch-sizes 64 128 256 --inference --generic --cuda-graph --tf32 off --repeats 20 --warmup 5 \
   --json "$WORK/train_step_1.json"
-stage train_step_deep 45 "$PY" benchmarks/bench_train_step.py --backend cupy \
-  --models ece662_resnet vgg_fer_slim dlcv_cnn --batch-sizes 128 --inference --tf32 off --repeats 10 --warmup 3 \
+stage train_step_deep 55 "$PY" benchmarks/bench_train_step.py --backend cupy \
+  --models ece662_resnet vgg_fer_slim dlcv_cnn --batch-sizes 128 --inference --shifted --tf32 off --repeats 10 --warmup 3 \
   --json "$WORK/train_step_2.json"
 stage train_step_compile 90 "$PY" benchmarks/bench_train_step.py --backend cupy --models hw3_cnn --batch-sizes 128 \
   --torch-compile --tf32 off --repeats 20 --warmup 5 --json "$WORK/train_step_3.json"
@@ -63,7 +64,7 @@ fi
 if [ -n "${FER2013_DATA:-}" ] && [ -e "$FER2013_DATA" ]; then
   stage epoch 50 "$PY" benchmarks/bench_epoch.py --backend cupy --cuda-graph --data "$FER2013_DATA" \
     --json "$OUT/epoch_cupy.json"
-  stage fer_train 100 "$PY" examples/fer2013/train.py --backend cupy --data "$FER2013_DATA" --epochs 3 \
+  stage fer_train 90 "$PY" examples/fer2013/train.py --backend cupy --data "$FER2013_DATA" --epochs 3 \
     --out "$WORK/fer_run" --no-progress --schedule none
   [ -f "$WORK/fer_run/history.json" ] && cp "$WORK/fer_run/history.json" "$OUT/fer_history.json"
   [ -f "$WORK/fer_run/test_metrics.json" ] && cp "$WORK/fer_run/test_metrics.json" "$WORK/test_metrics.json"

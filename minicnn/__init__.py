@@ -40,6 +40,7 @@ from .layers import (
     conv2d_naive,
     im2col,
     recalibrate_batchnorm,
+    set_conv_algorithm,
 )
 from .losses import MSELoss, SoftmaxCrossEntropy, softmax
 from .models import MODELS, Sequential, build_model
@@ -52,7 +53,7 @@ __all__ = [
     "set_default_dtype", "get_default_dtype",
     "Layer", "Container", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "BatchNorm1D", "BatchNorm2D",
     "ReLU", "LeakyReLU", "Dropout", "Dense", "Flatten", "ResidualBlock", "im2col", "col2im", "conv2d_naive",
-    "recalibrate_batchnorm",
+    "recalibrate_batchnorm", "set_conv_algorithm",
     "SoftmaxCrossEntropy", "MSELoss", "softmax",
     "Sequential", "build_model", "MODELS",
     "gradcheck", "numerical_gradient", "GradCheckReport", "CheckpointError",

@@ -79,6 +79,8 @@ def test_the_convolution_benchmark_times_both_input_gradients_and_names_the_laye
     # the first layer (C_out = 32 C_in) scatters with col2im; the others (C_out = 2 C_in) convolve dout
     assert [r["dx_path"] for r in rows] == ["col2im", "convolution", "convolution", "convolution", ""]
     assert all(r["dx_col2im_ms"] > 0 and r["dx_convolution_ms"] > 0 for r in rows)
+    # both algorithms timed; row shifts keep less for backward on every shape
+    assert all(r["shifted_fwd_bwd_ms"] > 0 and r["shifted_kept_mb"] < r["im2col_kept_mb"] for r in rows)
 
 
 def test_the_evaluation_memory_benchmark_measures_three_ways_that_compute_the_same_outputs(tmp_path):

@@ -708,6 +708,32 @@ def test_init_from_draws_fresh_streams_and_a_resumed_phase_ends_identically(fer_
         np.testing.assert_array_equal(b.state_arrays()[name], value, err_msg=name)
 
 
+def test_conv_algorithm_changes_memory_not_results_and_a_resumed_run_may_change_it(fer_run, tmp_path, capsys,
+                                                                                    cache_env):
+    """One epoch with every stride-1 convolution by row shifts ends with the weights of one by im2col (float32
+    rounding apart); a run may be resumed with the other algorithm, as with another backend."""
+    data, _ = fer_run
+    common = ["--data", str(data), "--limit", "64", "--batch-size", "16", "--no-progress", "--no-test",
+              "--model", "hw3_cnn", "--schedule", "none", "--optimizer", "sgd", "--lr", "0.01"]
+    assert train_script.main([*common, "--out", str(tmp_path / "a"), "--epochs", "1", "--conv-algorithm", "im2col"]) == 0
+    assert train_script.main([*common, "--out", str(tmp_path / "b"), "--epochs", "1", "--conv-algorithm", "shifted"]) == 0
+    assert "stride-1 convolutions by shifted" in capsys.readouterr().out
+    a, _, meta_a = minicnn.training.load_checkpoint(tmp_path / "a" / "last.npz")
+    b, _, meta_b = minicnn.training.load_checkpoint(tmp_path / "b" / "last.npz")
+    assert meta_b["args"]["conv_algorithm"] == "shifted"
+    # SGD, not Adam: a conv bias before BatchNorm has a zero gradient up to rounding, which Adam would scale up
+    # to full steps (different in each run, whichever the algorithm); SGD leaves it at rounding size.
+    (ha,), (hb,) = meta_a["history"], meta_b["history"]
+    assert hb["train_loss"] == pytest.approx(ha["train_loss"], rel=1e-5)
+    assert hb["val_loss"] == pytest.approx(ha["val_loss"], rel=1e-5)
+    for name, value in a.state_arrays().items():
+        np.testing.assert_allclose(b.state_arrays()[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+    assert train_script.main(["--out", str(tmp_path / "b"), "--resume", "--epochs", "2", "--no-progress", "--no-test",
+                              "--conv-algorithm", "im2col"]) == 0
+    assert "stride-1 convolutions by im2col" in capsys.readouterr().out
+    assert minicnn.training.load_checkpoint(tmp_path / "b" / "last.npz")[2]["epoch"] == 2
+
+
 def test_full_history_numbers_the_epochs_of_chained_phases():
     from minicnn.cli.common import full_history  # noqa: PLC0415
 

@@ -52,6 +52,8 @@ X4 = np.random.default_rng(1).standard_normal((8, 3, 12, 12)).astype(np.float32)
 @pytest.mark.parametrize("build", [
     lambda: minicnn.Conv2D(3, 5, 3, padding=1),
     lambda: minicnn.Conv2D(3, 4, (3, 2), stride=(2, 1), padding=(1, 0)),
+    lambda: minicnn.Conv2D(3, 5, 3, padding=1, algorithm="shifted"),
+    lambda: minicnn.Conv2D(3, 4, (2, 3), padding=(0, 2), algorithm="shifted"),
     lambda: minicnn.MaxPool2D(2),
     lambda: minicnn.MaxPool2D(3, 2, 1),
     lambda: minicnn.AvgPool2D(2),

@@ -10,12 +10,15 @@ and the minicnn / PyTorch ratio, and writes JSON with the environment.
     minicnn bench --backend cupy --generic                      # + minicnn without its fused kernels
     minicnn bench --backend cupy --torch-compile                # + PyTorch under torch.compile
     minicnn bench --backend cupy --cuda-graph                   # + minicnn's step replayed as a CUDA graph
+    minicnn bench --models ece662_resnet --shifted              # + every stride-1 conv by row shifts
 
 Timing: ``--warmup`` untimed steps, then ``--repeats`` steps each timed alone,
 synchronised with the device on both sides; the table gives medians. TF32 is
 pinned on both sides (``--tf32``, default off: full float32, as NumPy computes)
 and stated in the output. On a GPU each row also gives the peak device memory
-of a few steps: what CuPy's pool reserved beside PyTorch's ``max_memory_reserved``.
+of a few steps: what CuPy's pool reserved beside PyTorch's ``max_memory_reserved``;
+on the CPU, minicnn's rows give the peak of what NumPy allocated over a few steps
+(``tracemalloc``; PyTorch's CPU allocations are not traced, so it has no such column).
 
 ``python benchmarks/bench_train_step.py`` is the same command. PyTorch is the peer: install it
 (CPU build: see README) to get the comparison.
@@ -36,6 +39,19 @@ from ..benchmarking import (default_json_path, environment, markdown_table, pool
                             torch_peak_bytes, torch_twin, write_json)
 
 MEMORY_STEPS = 3  # steps run (after the timing) to read the peak device memory
+
+
+def traced_peak_bytes(run) -> int:
+    """Peak bytes NumPy allocated over ``run()``, above what was live before (NumPy reports to tracemalloc)."""
+    import tracemalloc  # noqa: PLC0415
+
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        run()
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
 
 
 def minicnn_step(model, x, y, train=True, graph=False):
@@ -99,10 +115,14 @@ def _mib(n):
     return round(n / 2**20, 1)
 
 
-def bench_row(torch, args, name, b, mode, train, fused, device, syncs, xp, graph=False):
-    """Time one (model, batch, mode) for minicnn and its PyTorch peer; on a GPU read both peaks of memory."""
+def bench_row(torch, args, name, b, mode, train, fused, device, syncs, xp, graph=False, algorithm="auto"):
+    """Time one (model, batch, mode) for minicnn and its PyTorch peer; read the peaks of memory.
+
+    ``algorithm``: the convolutions' (:func:`minicnn.set_conv_algorithm`).
+    """
     minicnn.seed(0)
     model = minicnn.build_model(name)
+    minicnn.set_conv_algorithm(model, algorithm)
     rng = np.random.default_rng(0)
     x = minicnn.to_device(rng.standard_normal((b, 1, 48, 48)).astype(np.float32))
     y = minicnn.to_device(rng.integers(0, 7, b))
@@ -116,6 +136,9 @@ def bench_row(torch, args, name, b, mode, train, fused, device, syncs, xp, graph
     if graph:
         g = ours_run.graphed
         row["graph"] = {"eager_steps": g.eager_steps, "captures": g.captures, "replays": g.replays}
+    if device != "cuda":
+        with kernels.use_fused(fused):
+            row["minicnn_traced_peak_mib"] = _mib(traced_peak_bytes(lambda: [ours_run() for _ in range(MEMORY_STEPS)]))
     try:
         theirs_run = torch_step(torch, model, x, y, device, train,
                                 args.torch_compile_backend if peer != "torch eager" else None)
@@ -154,6 +177,9 @@ def main(argv=None):
     p.add_argument("--cuda-graph", action="store_true",
                    help="also time minicnn's training step captured as a CUDA graph and replayed (--backend cupy; "
                         "the peer is PyTorch eager)")
+    p.add_argument("--shifted", action="store_true",
+                   help="also time minicnn with every stride-1 convolution by row shifts (algorithm 'shifted': "
+                        "less memory kept for backward)")
     p.add_argument("--tf32", choices=["off", "on"], default="off",
                    help="TensorFloat-32 for float32 products and convolutions, pinned on both sides (default off)")
     p.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator settings alone")
@@ -173,6 +199,8 @@ def main(argv=None):
     for name in args.models:
         for b in args.batch_sizes:
             modes = [("train", True, True)] + ([("inference", False, True)] if args.inference else [])
+            if args.shifted:
+                modes += [("train (shifted convs)", True, True)]
             if args.cuda_graph:
                 modes += [("train (CUDA graph)", True, True)]
             if args.generic:
@@ -183,7 +211,8 @@ def main(argv=None):
                     [("inference (torch.compile)", False, True)] if args.inference else [])
             for mode, train, fused in modes:
                 row = bench_row(torch, args, name, b, mode, train, fused, device, (sync_ours, sync_torch), xp,
-                                graph=mode == "train (CUDA graph)")
+                                graph=mode == "train (CUDA graph)",
+                                algorithm="shifted" if mode == "train (shifted convs)" else "auto")
                 rows.append(row)
                 print(f"{name} {mode} batch {b}: minicnn {row['minicnn_img_s']} img/s, "
                       + (f"{row['peer']} failed: {row['error']}" if "error" in row else
@@ -191,6 +220,8 @@ def main(argv=None):
     cols = ["model", "mode", "batch", "minicnn_img_s", "torch_img_s", "ratio", "minicnn_ms", "torch_ms"]
     if device == "cuda":
         cols += ["minicnn_peak_mib", "torch_peak_mib", "memory_ratio"]
+    else:
+        cols += ["minicnn_traced_peak_mib"]
     print()
     print(f"minicnn ({args.backend}) vs PyTorch ({device}), float32, TF32 {args.tf32}, median of {args.repeats} "
           f"steps after {args.warmup} warm-up; ratio = minicnn throughput / PyTorch throughput")

@@ -22,6 +22,22 @@ fastest of three layouts on a 2-core CPU: one big product beats N small ones).
 col2im is the adjoint of im2col: it scatters each column entry back onto the
 pixel it was read from, summing where receptive fields overlap, so that
 ``<im2col(x), y> == <x, col2im(y)>`` for all x, y.
+
+A stride-1 convolution has a cheaper unfolding, :func:`shifted_rows` ("im2col along one
+axis"). Lay the padded input out channel by channel, every image's rows end to end:
+``z[c, (n*Hp + y)*Wp + x] = xpad[n, c, y, x]``. Moving the window one pixel right is then
+a step of 1 along z and one pixel down a step of Wp, so the window at output position m
+reads ``z[c, m + u*Wp + v]``. Copying only the KW horizontal shifts,
+
+    R[(c, v), m] = z[c, m + v]                                     shape (C*KW, N*Hp*Wp + (KH-1)*Wp)
+
+leaves the KH vertical ones as free views ``R[:, u*Wp : u*Wp + N*Hp*Wp]``, and
+
+    out_wide = sum_u W[:, :, u, :].reshape(F, C*KW) @ R[:, u*Wp : u*Wp + N*Hp*Wp]
+
+holds the output at every m whose window starts inside the image (i < OH, j < OW); the other
+m straddle two rows or two images and are thrown away. R is KW times the padded input where
+im2col's matrix is KH*KW times the output: about a third of the memory for a 3x3 convolution.
 """
 from __future__ import annotations
 
@@ -29,7 +45,10 @@ from .. import initializers, kernels
 from ..backend import get_array_module
 from .base import Layer
 
-__all__ = ["Conv2D", "im2col", "col2im", "col2im_input_grad", "conv_input_grad", "conv2d_naive", "conv_output_size", "pair"]
+__all__ = ["Conv2D", "im2col", "col2im", "col2im_input_grad", "conv_input_grad", "conv2d_naive", "conv_output_size", "pair",
+           "shifted_rows", "conv2d_shifted", "conv2d_shifted_backward", "CONV_ALGORITHMS", "set_conv_algorithm"]
+
+CONV_ALGORITHMS = ("auto", "im2col", "shifted")
 
 
 def pair(v, name="value"):
@@ -161,6 +180,104 @@ def conv_input_grad(dout, W, padding=0):
     return xp.ascontiguousarray(dx.reshape(c, n, h, w).transpose(1, 0, 2, 3))
 
 
+def shifted_rows(x, kh, kw, padding=0):
+    """The row-shift matrix of a stride-1 convolution: im2col along the width axis only.
+
+    Shapes:
+        x (N, C, H, W)  ->  R (C*KW, N*Hp*Wp + (KH-1)*Wp),  Hp = H + 2 ph,  Wp = W + 2 pw
+
+    Parameters:
+        x: input images; kh, kw: kernel height and width; padding: an int or an (h, w) pair.
+
+    With ``z`` the padded input in channel-major order, flattened and followed by zeros,
+    ``z[c, (n*Hp + y)*Wp + x] = xpad[n, c, y, x]``:
+
+        R[(c, v), m] = z[c, m + v]          (row index c*KW + v)
+
+    The kernel's vertical offset u needs no copy: ``R[:, u*Wp + m]`` reads ``z[c, m + u*Wp + v]``,
+    the pixel u rows further down (see the module docstring).
+    """
+    ph, pw = pair(padding, "padding")
+    xp = get_array_module(x)
+    n, c, h, w = x.shape
+    hp, wp = h + 2 * ph, w + 2 * pw
+    length = n * hp * wp + (kh - 1) * wp  # every column any vertical view reads
+    z = xp.zeros((c, length + kw - 1), dtype=x.dtype)
+    z[:, : n * hp * wp].reshape(c, n, hp, wp)[:, :, ph : ph + h, pw : pw + w] = x.transpose(1, 0, 2, 3)
+    step_c, step = z.strides
+    shifted = xp.lib.stride_tricks.as_strided(z, shape=(c, kw, length), strides=(step_c, step, step))
+    return xp.ascontiguousarray(shifted).reshape(c * kw, length)
+
+
+def conv2d_shifted(x, W, padding=0):
+    """A stride-1 convolution (no bias) by :func:`shifted_rows` and KH matrix products.
+
+    Shapes:
+        x (N, C, H, W), W (F, C, KH, KW)  ->  out (N, F, OH, OW), R (C*KW, N*Hp*Wp + (KH-1)*Wp)
+        OH = Hp - KH + 1,  OW = Wp - KW + 1
+
+    Parameters:
+        x: input images; W: filters; padding: an int or an (h, w) pair (zeros added).
+
+    ``out_wide = sum_u W[:, :, u, :].reshape(F, C*KW) @ R[:, u*Wp : u*Wp + N*Hp*Wp]`` (F, N*Hp*Wp),
+    of which the (F, N, :OH, :OW) corner is the convolution, equal to
+    ``W.reshape(F, -1) @ im2col(x, KH, KW, 1, padding)``. ``out`` is a view of that corner
+    (not contiguous); R is returned for the backward pass (:func:`conv2d_shifted_backward`).
+    """
+    ph, pw = pair(padding, "padding")
+    f, c, kh, kw = W.shape
+    n, _, h, w = x.shape
+    hp, wp = h + 2 * ph, w + 2 * pw
+    m = n * hp * wp
+    R = shifted_rows(x, kh, kw, (ph, pw))
+    wide = W[:, :, 0, :].reshape(f, c * kw) @ R[:, :m]
+    for u in range(1, kh):
+        wide += W[:, :, u, :].reshape(f, c * kw) @ R[:, u * wp : u * wp + m]
+    out = wide.reshape(f, n, hp, wp)[:, :, : hp - kh + 1, : wp - kw + 1].transpose(1, 0, 2, 3)
+    return out, R
+
+
+def conv2d_shifted_backward(dout, R, W, padding=0):
+    """dW of a stride-1 convolution from its row-shift matrix R, and dx as a convolution of dout.
+
+    Shapes:
+        dout (N, F, OH, OW), R (C*KW, N*Hp*Wp + (KH-1)*Wp), W (F, C, KH, KW)
+        ->  dW (F, C, KH, KW), dx (N, C, H, W)
+
+    Parameters:
+        dout: the gradient of the loss w.r.t. the output; R: what :func:`conv2d_shifted` returned
+        for the forward input; W: the filters; padding: the forward pass's.
+
+    With G_wide (F, N*Hp*Wp) = dout written at its positions of out_wide and zeros at the
+    discarded ones (so they add nothing):
+
+        dW[:, :, u, :] = (G_wide @ R[:, u*Wp : u*Wp + N*Hp*Wp]^T).reshape(F, C, KW)
+        dx = conv2d_shifted(dout, W_rot, (KH-1-ph, KW-1-pw)),   W_rot[c, f, u, v] = W[f, c, KH-1-u, KW-1-v]
+
+    (the input gradient as a convolution, :func:`conv_input_grad`), which needs padding
+    at most KH-1, KW-1; otherwise dx is ``col2im(W_mat^T @ G)``.
+    """
+    ph, pw = pair(padding, "padding")
+    xp = get_array_module(dout)
+    f, c, kh, kw = W.shape
+    n, _, oh, ow = dout.shape
+    hp, wp = oh + kh - 1, ow + kw - 1
+    m = n * hp * wp
+    g_wide = xp.zeros((f, n, hp, wp), dtype=dout.dtype)
+    g_wide[:, :, :oh, :ow] = dout.transpose(1, 0, 2, 3)
+    g_wide = g_wide.reshape(f, m)
+    dW = xp.empty_like(W)
+    for u in range(kh):
+        dW[:, :, u, :] = (g_wide @ R[:, u * wp : u * wp + m].T).reshape(f, c, kw)
+    x_shape = (n, c, hp - 2 * ph, wp - 2 * pw)
+    if ph <= kh - 1 and pw <= kw - 1:
+        w_rot = xp.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+        dx = xp.ascontiguousarray(conv2d_shifted(dout, w_rot, (kh - 1 - ph, kw - 1 - pw))[0])
+    else:
+        dx = col2im_input_grad(dout.transpose(1, 0, 2, 3).reshape(f, -1), W, x_shape, 1, (ph, pw))
+    return dW, dx
+
+
 def conv2d_naive(x, W, b=None, stride=1, padding=0):
     """Teaching reference: the convolution sum (a cross-correlation) written as explicit loops.
 
@@ -194,7 +311,7 @@ def conv2d_naive(x, W, b=None, stride=1, padding=0):
 
 
 class Conv2D(Layer):
-    """2-D convolution by im2col and one matrix product.
+    """2-D convolution by im2col and one matrix product, or (stride 1) by row shifts and KH products.
 
     It computes a *cross-correlation*, as PyTorch does: the kernel is not flipped.
 
@@ -208,6 +325,8 @@ class Conv2D(Layer):
         kernel_size, stride, padding: an int or an (h, w) pair; padding adds zeros.
         bias: learn a bias ``b`` (starts at zero); False for a conv followed by BatchNorm.
         init: initialiser name for W (default ``"he_normal"``, suited to the ReLU family).
+        algorithm: ``"auto"``, ``"im2col"`` or ``"shifted"`` (stride 1 only); all compute the same
+            thing (``tests/test_reference.py``), with different memory and speed.
 
     Forward:
         out[n, f, i, j] = b[f] + sum_{c, u, v} W[f, c, u, v] * xpad[n, c, i*sh + u, j*sw + v]
@@ -226,11 +345,24 @@ class Conv2D(Layer):
     Both give the same dx (``tests/test_reference.py``); the layer takes the convolution
     when it moves less memory (see :meth:`_dx_by_convolution`).
 
+    Algorithms (``algorithm``): ``"im2col"`` as above; ``"shifted"`` (stride 1 only) unfolds
+    the input along its width alone (:func:`shifted_rows`, R of shape (C_in*KW, about N*Hp*Wp))
+    and sums KH products, the vertical kernel offsets being views of R:
+        out = sum_u W[:, :, u, :].reshape(C_out, C_in*KW) @ R_u,   dW[:, :, u, :] = G_wide @ R_u^T
+    and dx as the convolution of dout with W_rot (:func:`conv2d_shifted_backward`). It keeps R
+    for backward, KW times the padded input instead of im2col's KH*KW times the output (2.4x
+    less over the zoo's 3x3 convolutions), but on a 2-core CPU it is slower (0.6-0.94x im2col's
+    speed: its KH products have a third of the inner size, and also compute the discarded
+    positions, 8 % more at 48x48 but 78 % at 6x6). ``"auto"`` (the default) is therefore im2col;
+    take ``"shifted"`` when memory is short (:func:`set_conv_algorithm`, ``train.py
+    --conv-algorithm shifted``). README, "Convolution algorithms", has the measurements.
+
     Reference: :func:`minicnn.reference.conv2d_forward` / :func:`minicnn.reference.conv2d_backward`
     (loops), proven equal in ``tests/test_reference.py``.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, init="he_normal"):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, init="he_normal",
+                 algorithm="auto"):
         super().__init__()
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size = pair(kernel_size, "kernel_size")
@@ -241,6 +373,11 @@ class Conv2D(Layer):
                 f"Conv2D: kernel_size and stride must be >= 1 and padding >= 0, "
                 f"got kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
             )
+        if algorithm not in CONV_ALGORITHMS:
+            raise ValueError(f"Conv2D: algorithm must be one of {CONV_ALGORITHMS}, got {algorithm!r}")
+        if algorithm == "shifted" and self.stride != (1, 1):
+            raise ValueError(f"Conv2D: algorithm 'shifted' needs stride 1, got stride={self.stride}")
+        self.algorithm = algorithm
         kh, kw = self.kernel_size
         fan_in, fan_out = self.in_channels * kh * kw, self.out_channels * kh * kw
         self.params["W"] = initializers.get_initializer(init)(
@@ -258,6 +395,8 @@ class Conv2D(Layer):
             s += f", padding={self.padding}"
         if "b" not in self.params:
             s += ", bias=False"
+        if self.algorithm != "auto":
+            s += f", algorithm={self.algorithm!r}"
         return s
 
     def output_shape(self, h, w):
@@ -278,38 +417,59 @@ class Conv2D(Layer):
                 f"({x.shape[2] + 2 * ph}, {x.shape[3] + 2 * pw}) of input shape {tuple(x.shape)}"
             )
 
+    def _uses_shifted(self):
+        """Whether forward takes the ``"shifted"`` algorithm: only when asked for (``"auto"`` is im2col).
+
+        Why not by default: on the 2-core development CPU it was slower than im2col on every 3x3
+        convolution of the zoo, by 6-11 % at 24x24 and 48x48 and up to 40 % at 6x6 (``python
+        benchmarks/bench_conv_algorithms.py --shapes zoo --batch 100 --threads 2``); what it saves
+        is memory. (On a GPU the trade is unmeasured: ``benchmarks/gpu_suite.sh`` times both.)
+        """
+        return self.algorithm == "shifted"
+
     def forward(self, x, training=True):
-        """x (N, C_in, H, W) -> out (N, C_out, OH, OW); keeps im2col(x) for backward (``training`` is unused)."""
+        """x (N, C_in, H, W) -> out (N, C_out, OH, OW); keeps im2col(x), or R, for backward (``training`` is unused)."""
         self._check(x)
         n = x.shape[0]
         kh, kw = self.kernel_size
         oh, ow = self.output_shape(x.shape[2], x.shape[3])
         W = self.params["W"]
-        cols = im2col(x, kh, kw, self.stride, self.padding)
-        out = W.reshape(self.out_channels, -1) @ cols  # (F, N*OH*OW)
-        out = out.reshape(self.out_channels, n, oh, ow).transpose(1, 0, 2, 3)
+        if self._uses_shifted():
+            out, R = conv2d_shifted(x, W, self.padding)
+            self.cache = ("shifted", x.shape, R)
+        else:
+            cols = im2col(x, kh, kw, self.stride, self.padding)
+            out = W.reshape(self.out_channels, -1) @ cols  # (F, N*OH*OW)
+            out = out.reshape(self.out_channels, n, oh, ow).transpose(1, 0, 2, 3)
+            self.cache = ("im2col", x.shape, cols)
         if "b" in self.params:
             # A new array, not a view; NumPy's ufuncs keep their input's memory order, so it stays laid out as
             # the GEMM's (F, N, OH, OW) (an NCHW array that is not C-contiguous). Layers go by shape, not order.
             out = out + self.params["b"].reshape(1, -1, 1, 1)
         else:
             out = get_array_module(out).ascontiguousarray(out)
-        self.cache = (x.shape, cols)
         return out
 
-    # forward_only builds the im2col matrix for a slice of the batch at a time, of at most this many bytes
-    # (at least one image): nothing is kept for backward, so the whole matrix need never exist at once.
-    # ece662_resnet's 64 -> 64 convolutions at 48 x 48 take 5.3 MB an image: slices of 12 images.
+    # forward_only builds the im2col (or row-shift) matrix for a slice of the batch at a time, of at most this many
+    # bytes (at least one image): nothing is kept for backward, so the whole matrix need never exist at once.
+    # ece662_resnet's 64 -> 64 convolutions at 48 x 48 take 5.3 MB an image by im2col (slices of 12 images),
+    # 1.9 MB by row shifts (slices of 34).
     forward_only_cols_bytes = 64 * 2**20
+
+    def _matrix_bytes_per_image(self, x):
+        """Bytes of the unfolded matrix per image: C_in*KH*KW*OH*OW (im2col) or C_in*KW*Hp*Wp (row shifts)."""
+        kh, kw = self.kernel_size
+        (ph, pw), (h, w) = self.padding, x.shape[2:]
+        if self._uses_shifted():
+            return self.in_channels * kw * (h + 2 * ph) * (w + 2 * pw) * x.dtype.itemsize
+        oh, ow = self.output_shape(h, w)
+        return self.in_channels * kh * kw * oh * ow * x.dtype.itemsize
 
     def forward_only(self, x, training=False):
         """forward's output, computed a slice of the batch at a time and keeping no cache."""
         self._check(x)
         n = x.shape[0]
-        kh, kw = self.kernel_size
-        oh, ow = self.output_shape(x.shape[2], x.shape[3])
-        per_image = self.in_channels * kh * kw * oh * ow * x.dtype.itemsize
-        step = max(1, int(self.forward_only_cols_bytes // per_image))
+        step = max(1, int(self.forward_only_cols_bytes // self._matrix_bytes_per_image(x)))
         first = self.forward(x[:step], training)
         if step >= n:
             self.release_cache()
@@ -326,9 +486,16 @@ class Conv2D(Layer):
 
         See the class docstring for the formulas.
         """
-        x_shape, cols = self._saved()
+        algorithm, x_shape, matrix = self._saved()
         W = self.params["W"]
         f = self.out_channels
+        if algorithm == "shifted":
+            self.grads["W"], dx = conv2d_shifted_backward(dout, matrix, W, self.padding)
+            if "b" in self.params:
+                self.grads["b"] = dout.sum(axis=(0, 2, 3))
+            self.cache = None
+            return dx
+        cols = matrix
         g = dout.transpose(1, 0, 2, 3).reshape(f, -1)  # (F, N*OH*OW)
         self.grads["W"] = (g @ cols.T).reshape(W.shape)
         if "b" in self.params:
@@ -357,3 +524,32 @@ class Conv2D(Layer):
             self.stride == (1, 1) and ph <= kh - 1 and pw <= kw - 1
             and self.out_channels <= 2 * self.in_channels
         )
+
+
+SHIFTED_MIN_CHANNELS = 8  # set_conv_algorithm(..., "shifted") leaves convolutions of fewer input channels to im2col
+
+
+def set_conv_algorithm(layer, algorithm):
+    """Set ``algorithm`` on every :class:`Conv2D` in ``layer`` (a model, a block or one layer); returns how many.
+
+    Parameters:
+        layer: a model, a container or a single layer, searched through all its sub-layers;
+        algorithm: ``"auto"``, ``"im2col"`` or ``"shifted"`` (see :class:`Conv2D`).
+
+    ``"shifted"`` goes only where it can and where it pays: stride 1 and at least
+    ``SHIFTED_MIN_CHANNELS`` input channels. A first layer's single channel makes its products'
+    inner size C_in*KW = 3, 2.3-2.7x slower than im2col (``bench_conv_algorithms.py``), to save a
+    few MB. The other convolutions are left as they are and not counted. Parameters and results
+    do not change, only memory and speed (``benchmarks/bench_conv_algorithms.py`` and
+    ``bench_train_step.py --shifted`` measure both).
+    """
+    if algorithm not in CONV_ALGORITHMS:
+        raise ValueError(f"set_conv_algorithm: algorithm must be one of {CONV_ALGORITHMS}, got {algorithm!r}")
+    changed = 0
+    if isinstance(layer, Conv2D) and (algorithm != "shifted" or (
+            layer.stride == (1, 1) and layer.in_channels >= SHIFTED_MIN_CHANNELS)):
+        layer.algorithm = algorithm
+        changed += 1
+    for _, child in layer.children():
+        changed += set_conv_algorithm(child, algorithm)
+    return changed
