@@ -229,3 +229,30 @@ t_loops = seconds(lambda: reference.conv2d_forward(xb, conv.params["W"], conv.pa
 t_gemm = seconds(lambda: conv.forward(xb), 10)
 print(f"x {xb.shape}, {f} filters 3x3: loops {1e3 * t_loops:.1f} ms, im2col + GEMM {1e3 * t_gemm:.2f} ms "
       f"({t_loops / t_gemm:.0f}x faster); cols holds {9 * xb.size:,} values for {xb.size:,} inputs")
+
+# %% [markdown]
+# ## Less memory: unfold one axis only
+#
+# With stride 1 there is a leaner unfolding. Lay the padded input out channel by channel, every
+# image's rows end to end: a pixel one row further down is then `Wp` (the padded width) further
+# along. Copy only the `KW` horizontal shifts, `R[(c, v), m] = z[c, m + v]`
+# (`minicnn.layers.conv.shifted_rows`), and each vertical kernel offset `u` is the free view
+# `R[:, u*Wp : u*Wp + N*Hp*Wp]`. The convolution is `KH` matrix products,
+# $out = \sum_u W[:, :, u, :]\,R_u$, read at the positions whose window starts inside the image.
+# `R` holds each input value `KW` times instead of `KH*KW`; the price is smaller products that also
+# compute the discarded positions, so on a CPU it trades time for memory
+# (`Conv2D(..., algorithm="shifted")`; README, "Convolution algorithms").
+
+# %%
+from minicnn.layers.conv import shifted_rows  # noqa: E402
+
+R = shifted_rows(x, kh, kw, 1)  # x (2, 3, 5, 5), W (F, 3, 3, 3), b (F,) from above; padding 1
+hp, wp = x.shape[2] + 2, x.shape[3] + 2
+m = x.shape[0] * hp * wp
+out_wide = sum(W[:, :, u, :].reshape(F, -1) @ R[:, u * wp : u * wp + m] for u in range(kh))  # (F, N*Hp*Wp)
+out_rows = out_wide.reshape(F, x.shape[0], hp, wp)[:, :, : hp - kh + 1, : wp - kw + 1].transpose(1, 0, 2, 3)
+out_rows = out_rows + b.reshape(1, F, 1, 1)
+ref = reference.conv2d_forward(x, W, b, stride=1, padding=1)
+print(f"row shifts: max |KH products - loops| = {np.abs(out_rows - ref).max():.1e}; "
+      f"R holds {R.size:,} values, cols {minicnn.im2col(x, kh, kw, 1, 1).size:,}")
+assert np.allclose(out_rows, ref, rtol=1e-10, atol=1e-12)
