@@ -4,8 +4,8 @@ against a NumPy Winograd F(2x2, 3x3) and PyTorch's CPU convolution (oneDNN), in 
 hw3_cnn's four 3x3 convolutions (``--shapes zoo``: the 3x3 convolutions of the deeper zoo networks too).
 
 For each shape: the forward pass by im2col (im2col + one GEMM + the NCHW copy, as
-``minicnn.Conv2D(..., algorithm="im2col").forward``) and by row shifts (``algorithm="shifted"``, the
-default for stride 1: ``shifted_rows`` + three GEMMs + the NCHW copy), the forward and backward pass of
+``minicnn.Conv2D(..., algorithm="im2col").forward``, the default) and by row shifts
+(``algorithm="shifted"``: ``shifted_rows`` + three GEMMs + the NCHW copy), the forward and backward pass of
 the layer both ways, what each keeps for backward (MB), the time of im2col's matrix products alone (its
 three GEMMs, the GEMM-bound limit of im2col), the input gradient both ways (``col2im(W_mat^T @ G)``
 against ``conv_input_grad``, the convolution of dout with the turned kernel) and which of the two
@@ -171,11 +171,11 @@ def main(argv=None):
                 sys.exit(f"error: the two input gradients differ by {dx_err:.2e} (relative) for shape {(c, f, h)}")
             tdout = torch.from_numpy(dout)
 
-            kept_mb = {}
+            kept_mb, dx_ref = {}, by_convolution()
             for name, conv in (("im2col", layer), ("shifted", shifted)):
                 conv.forward(x)
                 kept_mb[name] = round(conv.cache[2].nbytes / 2**20, 1)
-                if float(np.abs(conv.backward(dout) - by_convolution()).max()) > 1e-4 * float(np.abs(by_convolution()).max()):
+                if float(np.abs(conv.backward(dout) - dx_ref).max()) > 1e-4 * float(np.abs(dx_ref).max()):
                     sys.exit(f"error: the {name} layer's input gradient is wrong for shape {(c, f, h)}")
 
             def ours_fwd_bwd():

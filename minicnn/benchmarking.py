@@ -16,7 +16,8 @@ import numpy as np
 import minicnn
 
 __all__ = ["setup", "time_call", "summarize", "environment", "torch_twin", "TorchResidualBlock", "markdown_table",
-           "RESULTS_DIR", "default_json_path", "write_json", "pin_tf32", "pool_peak_bytes", "torch_peak_bytes"]
+           "RESULTS_DIR", "default_json_path", "write_json", "pin_tf32", "pool_peak_bytes", "torch_peak_bytes",
+           "traced_peak_bytes"]
 
 
 _PRECISION: dict = {}  # what pin_tf32 last put in force; environment() reports it
@@ -89,6 +90,19 @@ def pool_peak_bytes(xp, run, extra_pools=()) -> dict:
     return {"reserved_bytes": int(pool.total_bytes()) + sum(int(p.total_bytes()) for p in extra),
             "live_bytes_after": int(pool.used_bytes()) + sum(int(p.used_bytes()) for p in extra),
             "private_pool_bytes": sum(int(p.total_bytes()) for p in extra)}
+
+
+def traced_peak_bytes(run) -> int:
+    """Peak bytes NumPy allocated over ``run()``, above what was live before (NumPy reports to tracemalloc)."""
+    import tracemalloc  # noqa: PLC0415
+
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        run()
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
 
 
 def torch_peak_bytes(torch, run) -> dict:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import minicnn
 from minicnn import reference
+from minicnn.benchmarking import traced_peak_bytes
 from minicnn.gradcheck import numerical_gradient, relative_error
 from minicnn.layers.conv import conv2d_shifted, shifted_rows
 
@@ -149,15 +150,13 @@ def test_shifted_keeps_well_under_half_of_what_im2col_keeps():
         kept[algorithm] = layer.cache[2].nbytes
     assert kept["shifted"] < 0.4 * kept["im2col"], kept
 
-    from tests.test_forward_only import traced_peak  # noqa: PLC0415
-
     peaks = {}
     for algorithm in ("im2col", "shifted"):
         minicnn.seed(0)
         model = minicnn.build_model("ece662_resnet")
         minicnn.set_conv_algorithm(model, algorithm)
         images = np.random.default_rng(1).standard_normal((4, 1, 48, 48)).astype(np.float32)
-        peaks[algorithm] = traced_peak(lambda m=model: m.forward(images, training=True))
+        peaks[algorithm] = traced_peak_bytes(lambda m=model: m.forward(images, training=True))
     assert peaks["shifted"] < 0.6 * peaks["im2col"], peaks
 
 

@@ -6,7 +6,6 @@ first validation). These tests check that every layer names its caches (nothing 
 batch stays on it after forward_only), that the outputs are the same, and that the peak memory of a
 whole network's evaluation falls as it should.
 """
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minicnn
+from minicnn.benchmarking import traced_peak_bytes as traced_peak  # peak bytes NumPy allocated in a call
 from minicnn.losses import SoftmaxCrossEntropy
 from minicnn.optim import Adam
 from minicnn.training import Trainer
@@ -101,18 +101,6 @@ def test_every_zoo_network_evaluates_identically_without_caches(name):
     np.testing.assert_array_equal(model.forward_only(x), expected)
     assert held_arrays(model) == []
     np.testing.assert_array_equal(model.predict_logits(x), expected)
-
-
-def traced_peak(fn):
-    """Peak bytes NumPy allocated while ``fn`` ran (NumPy reports its buffers to tracemalloc)."""
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        base = tracemalloc.get_traced_memory()[0]
-        fn()
-        return tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
 
 
 def test_evaluation_memory_peaks_at_one_layer_not_the_whole_network():

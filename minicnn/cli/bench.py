@@ -36,22 +36,9 @@ from minicnn.graphs import GraphedStep
 from minicnn.optim import Adam
 
 from ..benchmarking import (default_json_path, environment, markdown_table, pool_peak_bytes, setup, summarize, time_call,
-                            torch_peak_bytes, torch_twin, write_json)
+                            torch_peak_bytes, torch_twin, traced_peak_bytes, write_json)
 
 MEMORY_STEPS = 3  # steps run (after the timing) to read the peak device memory
-
-
-def traced_peak_bytes(run) -> int:
-    """Peak bytes NumPy allocated over ``run()``, above what was live before (NumPy reports to tracemalloc)."""
-    import tracemalloc  # noqa: PLC0415
-
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        run()
-        return tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
 
 
 def minicnn_step(model, x, y, train=True, graph=False):

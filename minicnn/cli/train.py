@@ -445,7 +445,8 @@ def run(argv=None):
               + (", synchronised BatchNorm" if args.sync_bn else ""))
 
     model = build_model(args.model, num_classes=len(class_names))
-    set_conv_algorithm(model, getattr(args, "conv_algorithm", "auto"))
+    conv_algorithm = getattr(args, "conv_algorithm", "auto")
+    set_conv_algorithm(model, conv_algorithm)
     has_batchnorm = any(type(m).__name__.startswith("BatchNorm") for m in _layers(model))
     if has_batchnorm and (args.batch_size == 1 or len(train_ds) % args.batch_size == 1):
         raise RunError(f"--batch-size {args.batch_size}: {len(train_ds)} training images leave a last batch of one "
@@ -476,9 +477,8 @@ def run(argv=None):
     # A resumed run's optimiser and schedule get their state from last.npz in Trainer.fit, which prints it.
     state = (f"{type(optimizer).__name__} and {type(schedule).__name__}, state from last.npz" if args.resume
              else f"{optimizer!r}; {schedule!r}")
-    algorithm = getattr(args, "conv_algorithm", "auto")
     print(f"model {args.model}: {trained:,} trainable parameters; backend {args.backend}; "
-          + (f"stride-1 convolutions by {algorithm}; " if algorithm != "auto" else "") + state)
+          + (f"stride-1 convolutions by {conv_algorithm}; " if conv_algorithm != "auto" else "") + state)
     print(f"augmentation: {augmenter!r}")
     provenance = init["provenance"] if init else (resumed_meta or {}).get("init")
     # A run from another run's weights draws fresh shuffles, dropout masks and augmented views: its

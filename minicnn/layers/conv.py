@@ -147,6 +147,11 @@ def col2im_input_grad(g, W, x_shape, stride=1, padding=0):
     return col2im(W.reshape(f, -1).T @ g, x_shape, kh, kw, stride, padding)
 
 
+def _turned_kernel(W):
+    """``W_rot[c, f, u, v] = W[f, c, KH-1-u, KW-1-v]`` (C, F, KH, KW): the filters turned 180 degrees, channels swapped."""
+    return get_array_module(W).ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+
+
 def conv_input_grad(dout, W, padding=0):
     """The input gradient of a stride-1 convolution, computed as a convolution of ``dout``.
 
@@ -175,7 +180,7 @@ def conv_input_grad(dout, W, padding=0):
     xp = get_array_module(dout)
     n, _, oh, ow = dout.shape
     h, w = oh + kh - 1 - 2 * ph, ow + kw - 1 - 2 * pw
-    w_rot = xp.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(c, f * kh * kw)
+    w_rot = _turned_kernel(W).reshape(c, f * kh * kw)
     dx = w_rot @ im2col(dout, kh, kw, 1, (kh - 1 - ph, kw - 1 - pw))  # (C, N*H*W)
     return xp.ascontiguousarray(dx.reshape(c, n, h, w).transpose(1, 0, 2, 3))
 
@@ -271,8 +276,7 @@ def conv2d_shifted_backward(dout, R, W, padding=0):
         dW[:, :, u, :] = (g_wide @ R[:, u * wp : u * wp + m].T).reshape(f, c, kw)
     x_shape = (n, c, hp - 2 * ph, wp - 2 * pw)
     if ph <= kh - 1 and pw <= kw - 1:
-        w_rot = xp.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-        dx = xp.ascontiguousarray(conv2d_shifted(dout, w_rot, (kh - 1 - ph, kw - 1 - pw))[0])
+        dx = xp.ascontiguousarray(conv2d_shifted(dout, _turned_kernel(W), (kh - 1 - ph, kw - 1 - pw))[0])
     else:
         dx = col2im_input_grad(dout.transpose(1, 0, 2, 3).reshape(f, -1), W, x_shape, 1, (ph, pw))
     return dW, dx
