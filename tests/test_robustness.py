@@ -215,7 +215,22 @@ class SendSigterm:
         return self.inner(x, training)
 
 
-def test_sigterm_stops_like_ctrl_c_and_the_run_resumes_identically(tmp_path):
+@pytest.fixture
+def default_signal_handlers():
+    """Python's own SIGINT and SIGTERM handlers, whatever the test runner was started with.
+
+    A shell starts a background job (``cmd &``) with SIGINT ignored, and Python then keeps it ignored: Ctrl-C
+    cannot reach such a process, so training rightly leaves that alone. These tests send the signals themselves,
+    so they install the handlers an interactive run has, and put back what was there after.
+    """
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, signal.SIG_DFL)}
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def test_sigterm_stops_like_ctrl_c_and_the_run_resumes_identically(tmp_path, default_signal_handlers):
     x, y = tiny_data()
     xv, yv = tiny_data(32, seed=1)
     full = make_trainer(tmp_path / "full")
@@ -252,7 +267,8 @@ def test_interrupt_between_an_epoch_and_its_save_names_the_epoch_the_file_holds(
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_while_an_epoch_is_saved_is_held_until_its_files_agree(tmp_path, monkeypatch, signum):
+def test_a_signal_while_an_epoch_is_saved_is_held_until_its_files_agree(tmp_path, monkeypatch, signum,
+                                                                        default_signal_handlers):
     """A signal between last.npz and best.npz used to stop the save: best.npz then kept an older epoch for good
     (the history, which a resumed run trusts, already named the new one). Now all of the epoch is written."""
     x, y = tiny_data()
