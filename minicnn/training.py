@@ -54,7 +54,7 @@ from .losses import SoftmaxCrossEntropy
 from .optim import clip_grad_norm
 
 __all__ = ["Trainer", "TrainingDiverged", "save_checkpoint", "load_checkpoint", "export_for_inference",
-           "inference_arrays", "CHECKPOINT_FORMAT"]
+           "inference_arrays", "average_checkpoints", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "minicnn.checkpoint/1"
 
@@ -269,6 +269,103 @@ def inference_arrays(arrays: dict, meta: dict, dtype=np.float32, source="checkpo
             value = cast
         kept[key] = value
     return kept, dict(meta, exported_from=str(source), schedule=None, optimizer=None, exported_dtype=str(dtype))
+
+
+# What a checkpoint's meta says about its weights alone: an average of weights has none of it.
+_WEIGHT_SPECIFIC_META = ("tta", "batchnorm_recalibration", "exported_from", "exported_dtype", "weight_average")
+
+
+def average_checkpoints(paths, weights=None, check=None) -> tuple[dict, dict]:
+    """The weighted average of the weights of several checkpoints of one network: ``(arrays, meta)``.
+
+    Stochastic weight averaging (Izmailov et al., 2018) after the fact: checkpoints taken along one
+    run, or at the ends of phases that each started from the previous one, lie in one basin of the
+    loss, and the average of their weights often generalises better than any of them. For every
+    weight and BatchNorm statistic ``w``::
+
+        w_avg = sum_i a_i * w_i,   a_i = weights[i] / sum(weights)   (equal by default)
+
+    computed in float64 and stored in the first checkpoint's dtype (int8 exports are dequantised
+    first). The averaged BatchNorm statistics are not the statistics of the averaged network's
+    activations: recalibrate them (``minicnn precise-bn``) before evaluating it.
+
+    Refused (:class:`CheckpointError`, naming the file and what differs): fewer than two files,
+    a file that is not a training checkpoint, another network or configuration, other weight names
+    or shapes, other class names, other normalisation or other ``data/`` arrays, another recorded
+    train/validation split (``data_fingerprint``), non-finite values, and weights that are not
+    finite and positive; and whatever ``check(path, meta, first_path, first_meta)`` refuses (it is
+    called for each checkpoint after the first; ``minicnn average`` checks train.py's split arguments).
+
+    The meta is the first checkpoint's, without its optimiser and schedule (the average cannot resume
+    training), without what described its weights alone (a recorded TTA shift, a BatchNorm
+    recalibration, export details), and with ``weight_average``: the sources (path, epoch, weight).
+    """
+    paths = [str(p) for p in paths]
+    if len(paths) < 2:
+        raise CheckpointError(f"average_checkpoints: needs at least two checkpoints, got {len(paths)}: {paths}")
+    if weights is None:
+        weights = [1.0] * len(paths)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(paths):
+        raise CheckpointError(f"average_checkpoints: {len(weights)} weights for {len(paths)} checkpoints")
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise CheckpointError(f"average_checkpoints: weights must be finite and positive, got {weights}")
+    total = math.fsum(weights)
+
+    first_path, acc, base_arrays, base_meta = paths[0], None, None, None
+    sources = []
+    for path, weight in zip(paths, weights):
+        arrays, meta = load_npz(path)
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path}: not a minicnn training checkpoint (format {meta.get('format')!r})")
+        arrays = dequantize_int8(arrays, source=path)
+        arrays = {k: v for k, v in arrays.items() if not k.startswith("optim/")}
+        bad = non_finite_arrays({k: v for k, v in arrays.items() if k.startswith(("param/", "buffer/"))})
+        if bad:
+            raise CheckpointError(f"{path}: {', '.join(bad[:4])} hold NaN or infinite values")
+        if base_meta is None:
+            base_arrays, base_meta = arrays, meta
+            acc = {k: np.zeros(v.shape, np.float64) for k, v in arrays.items()
+                   if k.startswith(("param/", "buffer/")) and v.dtype.kind == "f"}
+        else:
+            _check_averageable(first_path, base_arrays, base_meta, path, arrays, meta)
+            if check is not None:
+                check(path, meta, first_path, base_meta)
+        for key in acc:
+            acc[key] += (weight / total) * arrays[key].astype(np.float64)
+        sources.append({"path": path, "epoch": meta.get("epoch"), "weight": weight})
+
+    averaged = {k: v for k, v in base_arrays.items()}
+    for key, value in acc.items():
+        averaged[key] = value.astype(base_arrays[key].dtype)
+    meta = {k: v for k, v in base_meta.items() if k not in _WEIGHT_SPECIFIC_META}
+    meta.update(optimizer=None, schedule=None, weight_average={
+        "sources": sources,
+        "note": "weights and BatchNorm statistics averaged; recalibrate the statistics (minicnn precise-bn)"})
+    return averaged, meta
+
+
+def _check_averageable(first, first_arrays, first_meta, path, arrays, meta):
+    """CheckpointError unless ``path`` holds the same network, classes, data arrays and split as ``first``."""
+    def differ(what, here, there):
+        raise CheckpointError(f"{path}: cannot be averaged with {first}: {what} {here!r} here, {there!r} there")
+
+    for key in ("model", "class_names", "data_fingerprint"):
+        if meta.get(key) != first_meta.get(key):
+            differ({"model": "network", "class_names": "classes",
+                    "data_fingerprint": "train/validation split"}[key], meta.get(key), first_meta.get(key))
+    names, first_names = set(arrays), set(first_arrays)
+    if names != first_names:
+        differ("arrays", sorted(names - first_names), sorted(first_names - names))
+    for key, value in arrays.items():
+        other = first_arrays[key]
+        if value.shape != other.shape:
+            differ(f"{key} of shape", tuple(value.shape), tuple(other.shape))
+        weight = key.startswith(("param/", "buffer/")) and other.dtype.kind == "f"
+        if not weight and not np.array_equal(value, other):  # normalisation statistics and other data
+            if value.size <= 4:
+                differ(key, value.tolist(), other.tolist())
+            raise CheckpointError(f"{path}: cannot be averaged with {first}: the values of {key} differ")
 
 
 class Trainer:

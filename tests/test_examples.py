@@ -380,6 +380,167 @@ def test_export_refuses_its_source_an_existing_file_and_a_non_checkpoint(fer_run
     assert not (tmp_path / "o.npz").exists()
 
 
+
+# --------------------------------------------------------------------------- minicnn average
+
+
+@pytest.fixture(scope="module")
+def two_phases(fer_run, tmp_path_factory):
+    """(data, first, second): fer_run's best.npz and a second phase trained from it (--init-from): two
+    checkpoints of one network and split, with different weights, as ``minicnn average`` meets them."""
+    data, run = fer_run
+    second = tmp_path_factory.mktemp("phase2") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINICNN_CACHE", str(run.parent / "cache"))
+        rc = train_script.main(["--data", str(data), "--out", str(second), "--epochs", "1", "--limit", "64",
+                                "--batch-size", "16", "--no-progress", "--model", "hw3_cnn", "--lr", "3e-3",
+                                "--init-from", str(run / "best.npz"), "--no-test"])
+    assert rc == 0
+    return data, run / "best.npz", second / "last.npz"
+
+
+def test_average_writes_the_weighted_mean_that_recalibrates_evaluates_and_trains_on(two_phases, tmp_path, capsys,
+                                                                                      cache_env):
+    average_script = load_script("average")
+    data, first, second = two_phases
+    # the first source records a TTA shift and a recalibration: they described its weights, not the average's
+    a_arrays, a_meta = load_npz(first)
+    tagged = save_npz(tmp_path / "tagged.npz", a_arrays, dict(a_meta, tta={"padding": 2},
+                                                              batchnorm_recalibration={"source": "x"}))
+    out = tmp_path / "swa.npz"
+    rc, stdout, err = run_main(average_script, [str(tagged), str(second), "--weights", "1", "3", "--out", str(out)],
+                               capsys)
+    assert rc == 0, err
+    report = json.loads(stdout)
+    assert report["out"] == str(out) and report["model"] == "hw3_cnn"
+    assert [(s["path"], s["weight"]) for s in report["sources"]] == [(str(tagged), 1.0), (str(second), 3.0)]
+
+    b_arrays, b_meta = load_npz(second)
+    got, meta = load_npz(out)
+    weights = [k for k in a_arrays if k.startswith(("param/", "buffer/"))]
+    assert weights and set(got) == set(weights) | {k for k in a_arrays if k.startswith("data/")}  # no optim/
+    changed = 0
+    for k in weights:
+        want = (a_arrays[k].astype(np.float64) + 3 * b_arrays[k].astype(np.float64)) / 4
+        assert got[k].dtype == a_arrays[k].dtype
+        np.testing.assert_allclose(got[k], want, rtol=1e-6, atol=1e-7, err_msg=k)
+        changed += not np.array_equal(a_arrays[k], b_arrays[k])
+    assert changed > len(weights) // 2  # the two phases really differ
+    for k in ("data/norm/mean", "data/norm/scale", "data/norm/mode"):
+        np.testing.assert_array_equal(got[k], a_arrays[k])
+    assert meta["optimizer"] is None and meta["schedule"] is None
+    assert "tta" not in meta and "batchnorm_recalibration" not in meta
+    assert meta["weight_average"]["sources"] == report["sources"]
+    assert meta["args"] == a_meta["args"] and meta["data_fingerprint"] == a_meta["data_fingerprint"]
+
+    # precise BN, evaluation (it takes the default TTA shift again) and a new phase all take it
+    pbn = tmp_path / "swa_pbn.npz"
+    rc, stdout, err = run_main(precise_bn_script, ["--checkpoint", str(out), "--out", str(pbn), "--data", str(data),
+                                                   "--batch-size", "16"], capsys)
+    assert rc == 0, err
+    recalibration = json.loads(stdout)
+    assert recalibration["source"] == str(out)
+    rc, stdout, err = run_main(evaluate_script, ["--checkpoint", str(pbn), "--data", str(data), "--split", "val"],
+                               capsys)
+    assert rc == 0, err
+    assert json.loads(stdout)["accuracy"] == pytest.approx(recalibration["val_after"]["accuracy"])
+    rc, stdout, err = run_main(evaluate_script, ["--checkpoint", str(pbn), "--data", str(data), "--split", "val",
+                                                 "--tta"], capsys)
+    assert rc == 0, err
+    assert json.loads(stdout)["tta_padding_source"] == "default"  # not the first source's recorded shift
+    rc = train_script.main(["--data", str(data), "--out", str(tmp_path / "phase3"), "--epochs", "1", "--limit", "64",
+                            "--batch-size", "16", "--no-progress", "--model", "hw3_cnn", "--init-from", str(out),
+                            "--no-test"])
+    assert rc == 0
+
+
+def test_average_of_a_checkpoint_with_itself_or_its_int8_export(two_phases, tmp_path, capsys):
+    average_script = load_script("average")
+    _, first, _ = two_phases
+    out = tmp_path / "self.npz"
+    assert run_main(average_script, [str(first), str(first), "--out", str(out)], capsys)[0] == 0
+    src, got = load_npz(first)[0], load_npz(out)[0]
+    for k, v in got.items():
+        np.testing.assert_array_equal(v, src[k], err_msg=k)  # (w + w) / 2 == w, to the bit
+    int8 = tmp_path / "int8.npz"
+    assert run_main(load_script("export"), [str(first), str(int8), "--dtype", "int8"], capsys)[0] == 0
+    assert run_main(average_script, [str(first), str(int8), "--out", str(out), "--overwrite"], capsys)[0] == 0
+    from minicnn.checkpoint import dequantize_int8  # noqa: PLC0415
+
+    dequantised, got = dequantize_int8(load_npz(int8)[0]), load_npz(out)[0]
+    kernel = "param/0.W"
+    assert load_npz(int8)[0][kernel].dtype == np.int8
+    np.testing.assert_allclose(got[kernel], (src[kernel] + dequantised[kernel]) / 2, rtol=1e-6, atol=1e-8)
+    assert not np.array_equal(got[kernel], src[kernel])
+
+
+def _changed_copy(path, tmp_path, name, arrays=None, **meta_changes):
+    """A copy of checkpoint ``path`` with some arrays and meta entries replaced."""
+    src, meta = load_npz(path)
+    return save_npz(tmp_path / name, {**src, **(arrays or {})}, {**meta, **meta_changes})
+
+
+@pytest.mark.parametrize("change, why", [
+    ("model", "network {'name': 'hw3_dnn'"),
+    ("classes", "classes ['a'"),
+    ("fingerprint", "train/validation split"),
+    ("normalisation", "data/norm/mean"),
+    ("split_args", "--val-fraction 0.2 here, 0.1 there"),
+    ("shape", "param/0.W of shape"),
+    ("nan", "NaN or infinite"),
+    ("text", "looks like a text file"),
+])
+def test_average_refuses_checkpoints_that_differ_naming_the_file_and_the_difference(two_phases, tmp_path, capsys,
+                                                                                     change, why):
+    average_script = load_script("average")
+    _, first, second = two_phases
+    src, meta = load_npz(second)
+    if change == "model":
+        other = _changed_copy(second, tmp_path, "other.npz", model={"name": "hw3_dnn", "config": {}})
+    elif change == "classes":
+        other = _changed_copy(second, tmp_path, "other.npz", class_names=["a", "b", "c", "d", "e", "f", "g"])
+    elif change == "fingerprint":
+        fp = json.loads(json.dumps(meta["data_fingerprint"]))
+        fp["val"]["sha256"] = "0" * 64
+        other = _changed_copy(second, tmp_path, "other.npz", data_fingerprint=fp)
+    elif change == "normalisation":
+        other = _changed_copy(second, tmp_path, "other.npz", arrays={"data/norm/mean": src["data/norm/mean"] + 1})
+    elif change == "split_args":
+        other = _changed_copy(second, tmp_path, "other.npz", args={**meta["args"], "val_fraction": 0.2})
+    elif change == "shape":
+        other = _changed_copy(second, tmp_path, "other.npz", arrays={"param/0.W": src["param/0.W"][:1]})
+    elif change == "nan":
+        bad = src["param/0.W"].copy()
+        bad.flat[0] = np.nan
+        other = _changed_copy(second, tmp_path, "other.npz", arrays={"param/0.W": bad})
+    else:
+        other = tmp_path / "other.npz"
+        other.write_text("not weights")
+    out = tmp_path / "swa.npz"
+    rc, stdout, err = run_main(average_script, [str(first), str(other), "--out", str(out)], capsys)
+    assert rc == 2 and stdout == "" and err.startswith("error:")
+    assert str(other) in err and why in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["A"], "at least two checkpoints"),
+    (["A", "B", "--weights", "1"], "--weights gives 1 weights for 2 checkpoints"),
+    (["A", "B", "--weights", "1", "-1"], "--weights must be positive"),
+    (["A", "B", "--weights", "1", "nan"], "--weights must be positive"),
+    (["A", "B", "--out", "A"], "is one of the checkpoints"),
+    (["A", "B", "--out", "TAKEN"], "exists: give --overwrite"),
+])
+def test_average_refuses_bad_arguments(tmp_path, capsys, argv, why):
+    average_script = load_script("average")
+    (tmp_path / "TAKEN").write_bytes(b"x")
+    argv = [str(tmp_path / a) if a in ("A", "B", "TAKEN") else a for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "o.npz")]
+    with pytest.raises(SystemExit) as exit_info:
+        average_script.parse_args(argv)
+    assert exit_info.value.code == 2 and why in capsys.readouterr().err
+
 def test_evaluate_merges_disgust_for_a_six_class_checkpoint(fer_run, tmp_path, capsys, cache_env):
     data, _ = fer_run
     names = [c for c in CLASS_NAMES if c != "disgust"]

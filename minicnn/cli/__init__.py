@@ -5,6 +5,7 @@
     minicnn predict face.jpg photos/                # image files and folders, any size or colour
     minicnn precise-bn --checkpoint runs/fer2013/best.npz --out runs/fer2013/best_pbn.npz
     minicnn bench                                   # a training step, minicnn vs PyTorch (if installed)
+    minicnn average runs/a/best.npz runs/b/best.npz --out runs/swa.npz   # weight averaging; then precise-bn
     minicnn export runs/fer2013/best.npz model.npz --dtype float16   # for inference: an Adam checkpoint shrinks 6x
     minicnn cache                                   # where decoded FER-2013 arrays are cached; --clear
     python -m minicnn ...                           # the same
@@ -28,6 +29,7 @@ COMMANDS = {
     "predict": ("minicnn.cli.predict", "predict the expression of face images or folders of them"),
     "precise-bn": ("minicnn.cli.precise_bn", "recalibrate BatchNorm statistics on clean training images"),
     "bench": ("minicnn.cli.bench", "training-step throughput, minicnn vs PyTorch in the same run"),
+    "average": ("minicnn.cli.average", "average the weights of checkpoints of one network (stochastic weight averaging)"),
     "export": ("minicnn.cli.export", "a checkpoint as a file for inference: no optimiser state, float16 or int8 on request"),
     "cache": ("minicnn.cli.cache", "show or clear the cache of decoded FER-2013 arrays"),
 }
