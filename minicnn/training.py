@@ -335,7 +335,7 @@ def average_checkpoints(paths, weights=None, check=None) -> tuple[dict, dict]:
             acc[key] += (weight / total) * arrays[key].astype(np.float64)
         sources.append({"path": path, "epoch": meta.get("epoch"), "weight": weight})
 
-    averaged = {k: v for k, v in base_arrays.items()}
+    averaged = dict(base_arrays)
     for key, value in acc.items():
         averaged[key] = value.astype(base_arrays[key].dtype)
     meta = {k: v for k, v in base_meta.items() if k not in _WEIGHT_SPECIFIC_META}

@@ -33,9 +33,7 @@ from pathlib import Path
 
 from minicnn.checkpoint import CheckpointError, save_npz
 from minicnn.training import average_checkpoints
-
-# train.py's arguments that decide its train/validation split (as --init-from checks them)
-SPLIT_OPTIONS = ("seed", "val_fraction", "classes", "undersample", "limit")
+from .train import SPLIT_OPTIONS  # train.py's arguments that decide its train/validation split
 
 
 def parse_args(argv=None):
