@@ -51,7 +51,7 @@ import numpy as np
 from . import backend
 from .backend import get_array_module, to_host
 from .checkpoint import CheckpointError
-from .layers.normalization import BatchNorm1D, BatchNorm2D, _BatchNorm, _per_feature
+from .layers.normalization import BatchNorm1D, BatchNorm2D, _BatchNorm, _per_feature, batchnorm_layers
 from .optim import clip_grad_norm
 from .training import Trainer
 
@@ -481,6 +481,23 @@ class DistributedTrainer(Trainer):
         if not self.sync_batchnorm:
             average_buffers(self.model, self.comm)  # one set of running statistics to evaluate and save
         return result
+
+    def _recalibrate_batchnorm(self, x, epoch):
+        """Precise BN (``precise_bn``): every rank recalibrates on the same images, alone.
+
+        The statistics are then a single process's on every rank, with no collective to wait on; a
+        synchronised BatchNorm would count each image once per rank (its unbiased variance would take
+        M = ranks * m values), so it computes them as a plain BatchNorm for the time being.
+        """
+        synced = [layer for layer in batchnorm_layers(self.model) if getattr(layer, "comm", None) is not None]
+        saved = [layer.comm for layer in synced]
+        try:
+            for layer in synced:
+                layer.comm = None  # _SyncBatchNorm.forward is BatchNorm's without a communicator
+            return super()._recalibrate_batchnorm(x, epoch)
+        finally:
+            for layer, comm in zip(synced, saved):
+                layer.comm = comm
 
     def evaluate(self, x, y, batch_size=256):
         """(mean loss, accuracy) over all of x, y, each rank evaluating its shard."""

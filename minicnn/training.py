@@ -23,6 +23,24 @@ schedule state, the history and whatever ``extra_meta`` / ``extra_arrays`` the
 caller adds (the FER-2013 example stores class names and normalisation
 statistics there), so evaluation needs nothing but the file.
 
+Precise BatchNorm (``precise_bn=N``): BatchNorm's running statistics are a
+moving average of the *augmented*, dropped-out training batches, while
+validation sees clean images without dropout; under heavy augmentation the two
+differ enough to cost many points of validation accuracy, and so to mislead the
+choice of the best epoch. With ``precise_bn`` the trainer recalibrates them
+(:func:`minicnn.layers.recalibrate_batchnorm`) on N clean training images,
+drawn afresh each epoch from their own seeded stream, after the epoch's last step and
+before validation; validation, the schedule, ``best.npz`` and ``last.npz`` then
+use the recalibrated statistics. Training itself is unchanged, draw for draw:
+training-mode BatchNorm normalises with batch statistics and never reads the
+running ones, and the recalibration draws nothing from the training streams, so
+the weights after every epoch are those of the same run without it. The moving
+averages of the next epoch start from the recalibrated statistics and forget them
+at BatchNorm's momentum (0.9 a step: within a few dozen steps). The history also
+keeps the validation loss and accuracy with the moving averages
+(``val_loss_without_precise_bn``, ``val_acc_without_precise_bn``), the number of
+images and the seconds the recalibration took.
+
 Faults: Ctrl-C and SIGTERM stop training cleanly (``interrupted``), and the
 message names the epoch ``last.npz`` really holds; temporary files a kill -9
 left in ``out_dir`` are removed when ``fit`` starts; a NaN or infinite
@@ -50,6 +68,7 @@ from . import backend
 from .checkpoint import (SCALE_PREFIX, CheckpointError, clean_orphaned_tmp, dequantize_int8, load_npz, quantize_int8,
                          save_npz, write_json, write_text)
 from .graphs import GraphedStep
+from .layers.normalization import batchnorm_layers, recalibrate_batchnorm
 from .losses import SoftmaxCrossEntropy
 from .optim import clip_grad_norm
 
@@ -387,11 +406,14 @@ class Trainer:
         (:class:`minicnn.graphs.GraphedStep`: one launch a step instead of about 150; the same numbers as
         the eager step, the same random draws). The first two full batches of each ``fit`` run eagerly,
         as does a last, smaller batch. ``graphed_step`` holds its counters after ``fit``.
+    precise_bn: after each epoch, recalibrate every BatchNorm's running statistics on this many clean
+        training images (all of them if fewer) before validating and saving (see the module docstring);
+        0 (the default) keeps the moving averages. Needs a network with BatchNorm, and at least 2.
     """
 
     def __init__(self, model, optimizer, loss_fn=None, schedule=None, augmenter=None, *, batch_size=128, seed=0,
                  out_dir=None, early_stopping=None, clip_norm=None, log_every=20, progress=True,
-                 extra_meta=None, extra_arrays=None, stream_offset=0, cuda_graph=False):
+                 extra_meta=None, extra_arrays=None, stream_offset=0, cuda_graph=False, precise_bn=0):
         self.model, self.optimizer, self.schedule, self.augmenter = model, optimizer, schedule, augmenter
         self.loss_fn = loss_fn or SoftmaxCrossEntropy()
         self.batch_size, self.seed = int(batch_size), int(seed)
@@ -399,6 +421,14 @@ class Trainer:
             raise ValueError(f"Trainer: stream_offset counts epochs already trained and must be >= 0, got {stream_offset}")
         self.stream_offset = int(stream_offset)
         self.cuda_graph = bool(cuda_graph)
+        if isinstance(precise_bn, bool) or not isinstance(precise_bn, numbers.Integral) or precise_bn < 0 \
+                or precise_bn == 1:
+            raise ValueError(f"Trainer: precise_bn is the number of training images to recalibrate BatchNorm on, "
+                             f"0 (off) or at least 2, got {precise_bn!r}")
+        self.precise_bn = int(precise_bn)
+        if self.precise_bn and not batchnorm_layers(model):
+            raise ValueError(f"Trainer: precise_bn={self.precise_bn} recalibrates BatchNorm statistics, but "
+                             f"{getattr(model, 'name', None) or type(model).__name__} has no BatchNorm layer")
         self.graphed_step = None  # the GraphedStep of the last fit with cuda_graph=True
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.early_stopping, self.clip_norm = early_stopping, clip_norm
@@ -431,7 +461,8 @@ class Trainer:
             return None
         return save_checkpoint(self.out_dir / name, self.model, self.optimizer, self.schedule, self.epoch,
                                self.history, {"trainer": {"seed": self.seed, "batch_size": self.batch_size,
-                                                          "stream_offset": self.stream_offset},
+                                                          "stream_offset": self.stream_offset,
+                                                          "precise_bn": self.precise_bn},
                                               **self.extra_meta}, self.extra_arrays)
 
     def _write_history(self):
@@ -440,7 +471,8 @@ class Trainer:
             return
         write_json(self.out_dir / "history.json", _jsonable(self.history))
         buf = io.StringIO(newline="")
-        writer = csv.DictWriter(buf, fieldnames=list(self.history[0]))
+        # Every key of every row, in order of appearance (a resumed run may add one, e.g. precise BN's).
+        writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for h in self.history for k in h)))
         writer.writeheader()
         writer.writerows([{k: (v if not (isinstance(v, float) and not math.isfinite(v)) else "") for k, v in h.items()}
                           for h in self.history])
@@ -523,6 +555,22 @@ class Trainer:
     def _sum_across_processes(self, *values):
         """Totals of per-process counters over all processes: here, the values themselves."""
         return values
+
+    def _recalibrate_batchnorm(self, x, epoch):
+        """Precise BN after epoch ``epoch``: running statistics from ``precise_bn`` clean images of ``x``.
+
+        The images are drawn without replacement by a generator of their own, seeded from the epoch's seed
+        (never the training streams, whose draws stay those of a run without precise BN), and cut into
+        batches of ``batch_size``, the size whose statistics the network trained with. Every process of a
+        data-parallel run draws the same images and computes the same statistics. Returns the seconds taken.
+        """
+        start = time.perf_counter()
+        n = len(x)
+        k = min(self.precise_bn, n)
+        chosen = np.sort(np.random.default_rng(self._epoch_seed(epoch) + 2).choice(n, size=k, replace=False))
+        images = x[backend.get_array_module(x).asarray(chosen)]
+        recalibrate_batchnorm(self.model, images, batch_size=min(self.batch_size, k), seed=self._epoch_seed(epoch))
+        return time.perf_counter() - start
 
     def evaluate(self, x, y, batch_size=256):
         """(mean loss, accuracy) in evaluation mode; x, y on host or device."""
@@ -635,6 +683,10 @@ class Trainer:
                 self._reseed(e)
                 lr = float(self.optimizer.lr)
                 train_loss, train_acc, seconds = self._epoch(x, y, e, epochs)
+                before_pbn = None
+                if self.precise_bn:
+                    before_pbn = self.evaluate(x_val, y_val) if has_val else (None, None)
+                    pbn_seconds = self._recalibrate_batchnorm(x, e)
                 val_loss, val_acc = self.evaluate(x_val, y_val) if has_val else (None, None)
                 if self.schedule is not None:
                     self.schedule.step(val_loss if has_val else train_loss)
@@ -643,6 +695,11 @@ class Trainer:
                        "val_loss": None if val_loss is None else round(val_loss, 6),
                        "val_acc": None if val_acc is None else round(val_acc, 6),
                        "lr": lr, "seconds": round(seconds, 3), "img_per_s": round(len(y) / seconds, 1)}
+                if before_pbn is not None:
+                    row.update(val_loss_without_precise_bn=None if before_pbn[0] is None else round(before_pbn[0], 6),
+                               val_acc_without_precise_bn=None if before_pbn[1] is None else round(before_pbn[1], 6),
+                               precise_bn_images=min(self.precise_bn, len(y)),
+                               precise_bn_seconds=round(pbn_seconds, 3))
                 self._check_finite(self.epoch, val_loss)  # nothing non-finite is ever saved
                 self.history.append(row)
                 improved = has_val and row["val_acc"] > best
@@ -663,6 +720,9 @@ class Trainer:
                     log(f"epoch {self.epoch}/{epochs}: train loss {train_loss:.4f} acc {train_acc:.4f}"
                         + (f" | val loss {val_loss:.4f} acc {val_acc:.4f}{' *' if improved else ''}" if has_val
                            else "")
+                        + (f" (precise BN on {row['precise_bn_images']} images, {pbn_seconds:.1f}s"
+                           + (f"; {row['val_acc_without_precise_bn']:.4f} without)" if has_val else ")")
+                           if before_pbn is not None else "")
                         + f" | lr {lr:.3g} | {seconds:.1f}s, {row['img_per_s']:.0f} img/s")
                 if self.early_stopping and has_val:
                     since_best = self.epoch - best_epoch

@@ -49,6 +49,7 @@ def main(argv=None):
     p.add_argument("--sync-bn", action="store_true")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--augment", action="store_true")
+    p.add_argument("--precise-bn", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--stop-after", type=int, default=None, help="train only this many epochs now")
     args = p.parse_args(argv)
@@ -61,7 +62,7 @@ def main(argv=None):
     augmenter = Augmenter(flip=True, shift=0.1, seed=0) if args.augment else None
     trainer = DistributedTrainer(model, SGD(model, lr=0.05, momentum=0.9), augmenter=augmenter,
                                  batch_size=args.batch_size, seed=3, out_dir=args.run_dir, progress=False,
-                                 log_every=2, comm=comm, sync_batchnorm=args.sync_bn)
+                                 log_every=2, comm=comm, sync_batchnorm=args.sync_bn, precise_bn=args.precise_bn)
     epochs = args.stop_after or args.epochs
     history = trainer.fit(x[:72], y[:72], x[72:], y[72:], epochs=epochs, resume=args.resume, log=lambda *a: None)
     if comm.rank == 0:

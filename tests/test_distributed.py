@@ -167,7 +167,8 @@ def max_difference(a, b):
     return max(float(np.abs(a[k] - b[k]).max()) for k in a)
 
 
-@pytest.mark.parametrize("flags", [(), ("--batchnorm", "--sync-bn")], ids=["no-batchnorm", "sync-batchnorm"])
+@pytest.mark.parametrize("flags", [(), ("--batchnorm", "--sync-bn"), ("--batchnorm", "--sync-bn", "--precise-bn", "40")],
+                         ids=["no-batchnorm", "sync-batchnorm", "sync-batchnorm-precise-bn"])
 def test_two_ranks_train_like_one_process_on_the_same_global_batch(tmp_path, flags):
     """Global batch 15 over 2 ranks: shards of 7 and 8, so the loss scaling is exercised too."""
     one, h1 = run_worker(tmp_path, "one", 1, "--batch-size", "15", *flags)
@@ -177,6 +178,7 @@ def test_two_ranks_train_like_one_process_on_the_same_global_batch(tmp_path, fla
     for a, b in zip(h1["history"], h2["history"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
         assert a["val_acc"] == b["val_acc"]
+        assert a.get("val_acc_without_precise_bn") == b.get("val_acc_without_precise_bn")
 
 
 def test_per_rank_batchnorm_differs_from_the_global_batch(tmp_path):

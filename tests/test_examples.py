@@ -895,6 +895,36 @@ def test_conv_algorithm_changes_memory_not_results_and_a_resumed_run_may_change_
     assert minicnn.training.load_checkpoint(tmp_path / "b" / "last.npz")[2]["epoch"] == 2
 
 
+def test_precise_bn_flag_recalibrates_after_each_epoch_is_kept_on_resume_and_refused_where_meaningless(
+        fer_run, tmp_path, capsys, cache_env):
+    data, _ = fer_run
+    common = ["--data", str(data), "--limit", "64", "--batch-size", "16", "--no-progress", "--no-test",
+              "--model", "hw3_cnn"]
+    out = tmp_path / "pbn"
+    rc, stdout, err = run_main(train_script, [*common, "--out", str(out), "--epochs", "1", "--precise-bn", "32"], capsys)
+    assert rc == 0, err
+    assert "precise BN after each epoch on 32 clean Training images" in stdout
+    assert "(precise BN on 32 images" in stdout and "without)" in stdout
+    (row,) = json.loads((out / "history.json").read_text())
+    assert row["precise_bn_images"] == 32 and 0 <= row["val_acc_without_precise_bn"] <= 1
+    _, _, meta = minicnn.training.load_checkpoint(out / "last.npz")
+    assert meta["args"]["precise_bn"] == 32 and meta["trainer"]["precise_bn"] == 32
+    # A resumed run keeps it, and refuses another value (it decides which epoch is the best).
+    rc, _, err = run_main(train_script, ["--out", str(out), "--resume", "--precise-bn", "0"], capsys)
+    assert rc == 2 and "--precise-bn 0 here, 32 in the run" in err, err
+    rc, stdout, err = run_main(train_script, ["--out", str(out), "--resume", "--epochs", "2", "--no-progress"], capsys)
+    assert rc == 0 and "(precise BN on 32 images" in stdout, err
+    assert [h["precise_bn_images"] for h in json.loads((out / "history.json").read_text())] == [32, 32]
+    # A network without BatchNorm has nothing to recalibrate; one image has no statistics.
+    rc, _, err = run_main(train_script, [*common, "--out", str(tmp_path / "amth"), "--model", "amth667_cnn",
+                                         "--precise-bn", "32"], capsys)
+    assert rc == 2 and "--precise-bn 32: amth667_cnn has no BatchNorm layer" in err, err
+    assert not (tmp_path / "amth" / "last.npz").exists()
+    with pytest.raises(SystemExit) as exc:
+        train_script.main([*common, "--out", str(tmp_path / "one"), "--precise-bn", "1"])
+    assert exc.value.code == 2 and "--precise-bn: BatchNorm statistics need at least 2 images" in capsys.readouterr().err
+
+
 def test_full_history_numbers_the_epochs_of_chained_phases():
     from minicnn.cli.common import full_history  # noqa: PLC0415
 

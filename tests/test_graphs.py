@@ -166,9 +166,11 @@ def test_the_graph_is_captured_once_and_recaptured_when_its_arrays_are_replaced(
     assert graphed.captures == 3
 
 
-def test_graphed_training_in_the_trainer_matches_eager_training(cupy, tmp_path):
+@pytest.mark.parametrize("precise_bn", [0, 24], ids=["moving-average-bn", "precise-bn"])
+def test_graphed_training_in_the_trainer_matches_eager_training(cupy, tmp_path, precise_bn):
     """Two epochs with a cosine schedule (the rate changes between epochs), augmentation, dropout, a last
-    smaller batch (eager) and checkpoints: the same history and the same weights as without graphs."""
+    smaller batch (eager) and checkpoints: the same history and the same weights as without graphs; with precise
+    BN too (recalibrated in place between epochs, outside the graph, which is still captured once)."""
     from minicnn.data import Augmenter
     from minicnn.optim import CosineLR
 
@@ -181,12 +183,14 @@ def test_graphed_training_in_the_trainer_matches_eager_training(cupy, tmp_path):
         model = _small_net()
         opt = SGD(model, lr=0.05, momentum=0.9, nesterov=True)
         trainer = Trainer(model, opt, schedule=CosineLR(opt, 2), augmenter=Augmenter(True, 10, crop_padding=1, seed=0),
-                          batch_size=8, out_dir=tmp_path / str(graph), progress=False, cuda_graph=graph)
+                          batch_size=8, out_dir=tmp_path / str(graph), progress=False, cuda_graph=graph,
+                          precise_bn=precise_bn)
         history = trainer.fit(x, y, x[:16], y[:16], epochs=2, log=lambda *_: None)
         results.append((history, {k: cupy.asnumpy(v) for k, v in model.state_arrays().items()}, trainer))
     (h_e, w_e, _), (h_g, w_g, trainer) = results
     assert [h["lr"] for h in h_g] == [h["lr"] for h in h_e]
-    for key in ("train_loss", "val_loss", "val_acc"):
+    keys = ("train_loss", "val_loss", "val_acc") + (("val_loss_without_precise_bn",) if precise_bn else ())
+    for key in keys:
         _same(cupy, np.array([h[key] for h in h_g]), np.array([h[key] for h in h_e]), key)
     for k, v in w_e.items():
         _same(cupy, w_g[k], v, k)

@@ -256,3 +256,85 @@ def test_short_training_on_real_fer2013_learns_well_above_chance(fer2013_path, t
     majority = max(metrics["per_class"][c]["support"] for c in metrics["class_names"]) / metrics["num_examples"]
     assert metrics["num_examples"] == 3589
     assert metrics["accuracy"] > majority + 0.10, (metrics["accuracy"], majority)
+
+
+# -- precise BN after every epoch (Trainer(precise_bn=N), train.py --precise-bn N) -----------------------------
+def test_precise_bn_changes_no_weight_only_the_statistics_validation_sees(tmp_path):
+    """Training draws and weights are those of the same run without it; val is scored with the recalibrated stats."""
+    x, y = tiny_data()
+    xv, yv = tiny_data(32, seed=1)
+    plain = make_trainer(tmp_path / "plain")
+    plain.fit(x, y, xv, yv, epochs=3, log=lambda *_: None)
+    precise = make_trainer(tmp_path / "precise", precise_bn=40)
+    lines = []
+    precise.fit(x, y, xv, yv, epochs=3, log=lines.append)
+
+    weights = lambda t: {k: v for k, v in t.model.state_arrays().items() if "running" not in k}  # noqa: E731
+    for k, v in weights(plain).items():
+        np.testing.assert_array_equal(v, weights(precise)[k], err_msg=k)
+    for h_plain, h_precise in zip(plain.history, precise.history):
+        assert h_plain["train_loss"] == h_precise["train_loss"]
+        assert h_precise["precise_bn_images"] == 40 and h_precise["precise_bn_seconds"] >= 0
+    # After epoch 1, validation with the moving averages is the plain run's. (Later, the averages continue from the
+    # recalibrated statistics: over this tiny epoch's 6 steps they keep 0.9**6 of them, over FER-2013's ~200 none.)
+    assert precise.history[0]["val_loss_without_precise_bn"] == plain.history[0]["val_loss"]
+    assert precise.history[0]["val_acc_without_precise_bn"] == plain.history[0]["val_acc"]
+    assert [h["val_loss"] for h in precise.history] != [h["val_loss"] for h in plain.history]
+    assert "precise BN on 40 images" in lines[-1] and "without)" in lines[-1]
+
+    # The statistics are exactly recalibrate_batchnorm's on the 40 images the documented draw picks.
+    twin = make_trainer(None)
+    twin.model.load_state_arrays(precise.model.state_arrays())
+    chosen = np.sort(np.random.default_rng(twin._epoch_seed(2) + 2).choice(len(x), size=40, replace=False))
+    minicnn.recalibrate_batchnorm(twin.model, x[chosen], batch_size=16, seed=twin._epoch_seed(2))
+    assert_same_state(twin.model, precise.model)
+    assert precise.evaluate(xv, yv) == (pytest.approx(precise.history[-1]["val_loss"], abs=1e-6),
+                                        precise.history[-1]["val_acc"])
+
+    # The checkpoints hold the recalibrated statistics and record the setting; history.csv has the new columns.
+    arrays, meta = load_npz(tmp_path / "precise" / "last.npz")
+    bn_mean = next(k for k in arrays if k.endswith("running_mean"))
+    np.testing.assert_array_equal(arrays[bn_mean], twin.model.state_arrays()[bn_mean])
+    assert meta["trainer"]["precise_bn"] == 40
+    header = (tmp_path / "precise" / "history.csv").read_text().splitlines()[0].split(",")
+    assert header[-4:] == ["val_loss_without_precise_bn", "val_acc_without_precise_bn", "precise_bn_images",
+                           "precise_bn_seconds"]
+
+
+def test_precise_bn_resumes_bit_exactly(tmp_path):
+    x, y = tiny_data()
+    xv, yv = tiny_data(32, seed=1)
+    full = make_trainer(tmp_path / "full", precise_bn=500)  # more than the 96 images: all of them
+    full.fit(x, y, xv, yv, epochs=3, log=lambda *_: None)
+    assert full.history[0]["precise_bn_images"] == 96
+    first = make_trainer(tmp_path / "split", precise_bn=500)
+    first.fit(x, y, xv, yv, epochs=1, log=lambda *_: None)
+    second = make_trainer(tmp_path / "split", init_seed=7, precise_bn=500)
+    second.fit(x, y, xv, yv, epochs=3, resume=True, log=lambda *_: None)
+    assert_same_state(full.model, second.model)
+    assert full.history == [dict(h, precise_bn_seconds=f["precise_bn_seconds"], seconds=f["seconds"],
+                                 img_per_s=f["img_per_s"]) for h, f in zip(second.history, full.history)]
+
+
+def test_precise_bn_without_validation_still_recalibrates_what_is_saved(tmp_path):
+    x, y = tiny_data()
+    trainer = make_trainer(tmp_path, precise_bn=32)
+    history = trainer.fit(x, y, epochs=1, log=lambda *_: None)
+    assert history[0]["val_acc"] is None and history[0]["val_acc_without_precise_bn"] is None
+    twin = make_trainer(None)
+    twin.model.load_state_arrays(trainer.model.state_arrays())
+    chosen = np.sort(np.random.default_rng(twin._epoch_seed(0) + 2).choice(len(x), size=32, replace=False))
+    minicnn.recalibrate_batchnorm(twin.model, x[chosen], batch_size=16, seed=twin._epoch_seed(0))
+    assert_same_state(twin.model, trainer.model)
+
+
+@pytest.mark.parametrize("value", [1, -3, 2.5, True, "100"])
+def test_precise_bn_refuses_a_bad_count(value):
+    with pytest.raises(ValueError, match=r"precise_bn is the number of training images.*0 \(off\) or at least 2"):
+        make_trainer(None, precise_bn=value)
+
+
+def test_precise_bn_refuses_a_network_without_batchnorm():
+    model = minicnn.Sequential([minicnn.Flatten(), minicnn.Dense(144, 3)], input_shape=(1, 12, 12), name="plain")
+    with pytest.raises(ValueError, match="precise_bn=64 recalibrates BatchNorm statistics, but plain has no BatchNorm"):
+        Trainer(model, Adam(model), precise_bn=64)

@@ -206,6 +206,10 @@ def build_parser():
                    help="how stride-1 convolutions compute: im2col (auto: the faster on the CPU) or 'shifted' "
                         "(row shifts, for those of 8 or more input channels: about 2.4x less memory kept for "
                         "backward, slower); the same numbers either way")
+    p.add_argument("--precise-bn", type=COUNT, default=0, metavar="N",
+                   help="after each epoch, recalibrate BatchNorm's running statistics on N clean Training images "
+                        "(no augmentation, no dropout) before validating and saving: validation and the best "
+                        "epoch then see the statistics evaluation needs; training is unchanged. 0 (default): off")
     p.add_argument("--cuda-graph", action="store_true",
                    help="with --backend cupy: capture the training step as a CUDA graph and replay it for every "
                         "full batch (one launch a step; the same numbers as without)")
@@ -221,6 +225,8 @@ def parse_args(argv=None):
         p.error("--resume continues the run in --out and --overwrite replaces it: give one of them")
     if args.init_from and args.resume:
         p.error("--init-from starts a new run and --resume continues one: give one of them")
+    if args.precise_bn == 1:
+        p.error("argument --precise-bn: BatchNorm statistics need at least 2 images, got 1 (0 turns it off)")
     return args
 
 
@@ -451,6 +457,10 @@ def run(argv=None):
     if has_batchnorm and (args.batch_size == 1 or len(train_ds) % args.batch_size == 1):
         raise RunError(f"--batch-size {args.batch_size}: {len(train_ds)} training images leave a last batch of one "
                        f"image, which {args.model}'s BatchNorm cannot normalise; choose another --batch-size")
+    precise_bn = args.precise_bn  # (a run resumed from before the option gets its default, 0)
+    if precise_bn and not has_batchnorm:
+        raise RunError(f"--precise-bn {precise_bn}: {args.model} has no BatchNorm layer, so there are no "
+                       "statistics to recalibrate; leave --precise-bn out")
     if init is not None:
         model.load_state_arrays(init["model"].state_arrays(), source=init_from)
         print(f"initialised from {init_from} (epoch {init['provenance']['epoch']} of its run)")
@@ -479,7 +489,9 @@ def run(argv=None):
              else f"{optimizer!r}; {schedule!r}")
     print(f"model {args.model}: {trained:,} trainable parameters; backend {args.backend}; "
           + (f"stride-1 convolutions by {conv_algorithm}; " if conv_algorithm != "auto" else "") + state)
-    print(f"augmentation: {augmenter!r}")
+    print(f"augmentation: {augmenter!r}"
+          + (f"; precise BN after each epoch on {min(precise_bn, len(train_ds))} clean Training images"
+             if precise_bn else ""))
     provenance = init["provenance"] if init else (resumed_meta or {}).get("init")
     # A run from another run's weights draws fresh shuffles, dropout masks and augmented views: its
     # epochs take the random streams that follow the epochs those weights were trained for.
@@ -489,7 +501,7 @@ def run(argv=None):
     trainer = trainer_cls(
         model, optimizer, loss_fn, schedule, augmenter, batch_size=args.batch_size, seed=args.seed, out_dir=out,
         early_stopping=args.early_stopping, clip_norm=args.clip_norm, log_every=args.log_every,
-        progress=not args.no_progress, stream_offset=stream_offset,
+        progress=not args.no_progress, stream_offset=stream_offset, precise_bn=precise_bn,
         **({"cuda_graph": True} if getattr(args, "cuda_graph", False) else {}),
         extra_meta={"class_names": class_names, "args": vars(args) | {"data": str(data_path)},
                     "data_fingerprint": fingerprint, "backend": args.backend,

@@ -21,7 +21,7 @@ from ..backend import get_array_module, module_of, to_array_module
 from .activations import Dropout
 from .base import Layer
 
-__all__ = ["BatchNorm1D", "BatchNorm2D", "recalibrate_batchnorm"]
+__all__ = ["BatchNorm1D", "BatchNorm2D", "batchnorm_layers", "recalibrate_batchnorm"]
 
 
 class _BatchNorm(Layer):
@@ -237,6 +237,11 @@ def _walk(layer: Layer):
         yield from _walk(child)
 
 
+def batchnorm_layers(model: Layer) -> list:
+    """Every BatchNorm layer (1-D or 2-D, synchronised ones included) in ``model`` and its sub-layers, depth first."""
+    return [layer for layer in _walk(model) if isinstance(layer, _BatchNorm)]
+
+
 def recalibrate_batchnorm(model: Layer, x, batch_size: int = 256, seed: int = 0) -> dict:
     """Set every BatchNorm's running statistics to those of the inputs ``x`` ("precise BN").
 
@@ -277,7 +282,7 @@ def recalibrate_batchnorm(model: Layer, x, batch_size: int = 256, seed: int = 0)
         batch_size: images per forward pass (at least 2).
         seed: the shuffle that forms the batches.
     """
-    norms = [layer for layer in _walk(model) if isinstance(layer, _BatchNorm)]
+    norms = batchnorm_layers(model)
     if not norms:
         raise ValueError(f"recalibrate_batchnorm: {getattr(model, 'name', None) or type(model).__name__} "
                          "has no BatchNorm layer, so there are no statistics to recalibrate")

@@ -130,7 +130,7 @@ class Sequential(Container):
             loss: defaults to softmax cross-entropy; ``schedule``, ``augmenter``: optional.
             out_dir: keep checkpoints (``last.npz``, ``best.npz``) and the history there.
             trainer_options: more :class:`~minicnn.training.Trainer` keywords (``clip_norm``,
-                ``early_stopping``, ``log_every``, ...).
+                ``early_stopping``, ``log_every``, ``precise_bn``, ...).
 
         A thin layer over the Trainer, which stays the documented, resumable way to train.
         """
