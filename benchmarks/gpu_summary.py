@@ -41,11 +41,27 @@ def merge(out_path, paths):
     return 0
 
 
+USAGE = ("usage: python benchmarks/gpu_summary.py STAGES_TSV OUT_DIR [TEST_METRICS_JSON]\n"
+         "       python benchmarks/gpu_summary.py --merge OUT_JSON TRAIN_STEP_JSON...")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.strip() + "\n\n" + USAGE)
+        return 0
     if argv and argv[0] == "--merge":
+        if len(argv) < 3:
+            print(f"gpu_summary: --merge needs OUT_JSON and at least one TRAIN_STEP_JSON\n{USAGE}", file=sys.stderr)
+            return 2
         return merge(argv[1], argv[2:])
+    if len(argv) not in (2, 3) or any(a.startswith("-") for a in argv):
+        print(f"gpu_summary: expected STAGES_TSV OUT_DIR [TEST_METRICS_JSON], got {argv}\n{USAGE}", file=sys.stderr)
+        return 2
     stages_tsv, out = Path(argv[0]), Path(argv[1])
+    if not stages_tsv.is_file():
+        print(f"gpu_summary: {stages_tsv}: no such file (the stages table gpu_suite.sh writes)", file=sys.stderr)
+        return 2
     metrics = _read_json(argv[2]) if len(argv) > 2 else None
     stages = []
     for line in stages_tsv.read_text().splitlines():

@@ -208,11 +208,16 @@ def _describe_start(head: bytes) -> str:
         return "it is a JPEG image, not a checkpoint"
     if head[:1] == b"\x80":
         return "it looks like a Python pickle, which minicnn never loads"
+    if head.startswith(b"PK\x05\x06"):
+        return "it is an empty zip archive (an .npz with no arrays at all)"
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError:
-        return f"it starts with bytes {head[:16]!r}"
-    return f"it looks like a text file, starting {text[:40]!r}"
+        text = None
+    # Text has no NUL bytes and few control characters; anything else is described by its first bytes.
+    if text is not None and "\x00" not in text and all(c.isprintable() or c in "\t\n\r" for c in text[:64]):
+        return f"it looks like a text file, starting {text[:40]!r}"
+    return f"it starts with bytes {head[:16]!r}"
 
 
 def inspect_npz(path) -> dict:

@@ -135,11 +135,15 @@ class ImageClassifier:
 
     def evaluate(self, images, labels, tta: bool = False, batch_size: int = 256) -> dict:
         """``{"accuracy": ..., "loss": ...}`` (mean negative log-likelihood) on labelled images."""
-        from .metrics import log_loss  # noqa: PLC0415
+        from .metrics import _class_ids, accuracy, log_loss  # noqa: PLC0415
 
-        labels = np.asarray(labels)
+        # Checked before the (long) prediction: each label names one of this network's classes.
+        labels = _class_ids("ImageClassifier.evaluate: labels", labels, len(self.class_names))
         probs = self.predict_proba(images, tta, batch_size)
-        return {"accuracy": float((probs.argmax(axis=1) == labels).mean()), "loss": float(log_loss(probs, labels))}
+        if len(labels) != len(probs):
+            raise ValueError(f"ImageClassifier.evaluate: expected one label per image ({len(probs)}), "
+                             f"got {len(labels)} labels")
+        return {"accuracy": accuracy(labels, probs.argmax(axis=1)), "loss": float(log_loss(probs, labels))}
 
 
 def load(path) -> ImageClassifier:

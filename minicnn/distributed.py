@@ -350,6 +350,7 @@ class _SyncBatchNorm(_BatchNorm):
         batch_stats = self._saved()[0]
         if not batch_stats or self.comm is None or self.comm.size == 1:
             return super().backward(dout)
+        self._check_dout(dout, self.cache[1].shape)
         xp = get_array_module(dout)
         _, xhat, inv_std = self.cache
         c = self.num_features

@@ -66,6 +66,15 @@ def _check(name, logits, labels):
                              f"({logits.shape[1]} classes)")
 
 
+def _saved_by_forward(loss):
+    """What ``loss.forward`` kept for its backward; an error saying why when there is none."""
+    cache = getattr(loss, "cache", None)
+    if cache is None:
+        raise RuntimeError(f"{type(loss).__name__}.backward: nothing saved by a forward pass: "
+                           "call forward(logits, labels) first")
+    return cache
+
+
 class SoftmaxCrossEntropy:
     """Softmax cross-entropy from logits, with optional class weights and label smoothing.
 
@@ -126,7 +135,7 @@ class SoftmaxCrossEntropy:
 
     def backward(self):
         """dL/dz (N, K) = (p * sum_k a_k - a) / W for the last forward pass ((p - onehot(y)) / N plainly)."""
-        return softmax_cross_entropy_backward(*self.cache)
+        return softmax_cross_entropy_backward(*_saved_by_forward(self))
 
 
 # On CuPy: one kernel for the rows and two reductions forward, one kernel backward (minicnn/kernels.py).
@@ -190,6 +199,6 @@ class MSELoss:
 
     def backward(self):
         """dL/dz (N, K) = p * (g - sum_k g_k p_k) with g = 2 (p - t) / (N K)."""
-        p, t = self.cache
+        p, t = _saved_by_forward(self)
         g = 2.0 * (p - t) / p.size
         return p * (g - (g * p).sum(axis=1, keepdims=True))

@@ -180,8 +180,9 @@ def test_the_graphed_benchmark_step_times_replays(fake_cupy):
     summary, _ = bench.measure(step, repeats=2, warmup=3, sync=None)
     g = step.graphed
     assert (g.eager_steps, g.captures, g.replays, summary["repeats"]) == (2, 1, 3, 2)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         bench.main(["--cuda-graph"])  # NumPy: there is no graph to capture
+    assert exc.value.code == 2
 
 
 def test_pytorchs_peak_is_reset_before_the_run_it_measures():
@@ -224,6 +225,17 @@ def test_tf32_is_pinned_in_cupys_cublas_too(monkeypatch):
         assert off["cupy float32 compute type"] == "COMPUTE_TYPE_DEFAULT" and not torch.backends.cuda.matmul.allow_tf32
     finally:
         pin_tf32(torch, False, "numpy")
+
+
+def test_the_gpu_summary_explains_its_usage_instead_of_a_traceback(tmp_path, capsys):
+    summary = _load_bench("gpu_summary")
+    assert summary.main(["--help"]) == 0 and "usage: python benchmarks/gpu_summary.py STAGES_TSV" in capsys.readouterr().out
+    for argv, message in [([], "expected STAGES_TSV OUT_DIR [TEST_METRICS_JSON], got []"),
+                          (["--merge", "out.json"], "--merge needs OUT_JSON and at least one TRAIN_STEP_JSON"),
+                          ([str(tmp_path / "stages.tsv"), str(tmp_path)], "stages.tsv: no such file")]:
+        assert summary.main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and ("usage:" in err or "no such file" in err)
 
 
 def test_the_gpu_summary_merges_the_train_step_reports_and_shows_failed_peers(tmp_path):

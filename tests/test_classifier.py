@@ -74,6 +74,22 @@ def test_images_scaled_to_unit_range_or_misshaped_are_refused_with_advice(tmp_pa
         clf.predict(np.zeros((2, 3, 8, 8)))
 
 
+def test_evaluate_scores_and_refuses_labels_that_name_no_class(tmp_path):
+    model, norm, images = tiny_checkpoint(tmp_path / "c.npz")
+    clf = minicnn.load(tmp_path / "c.npz")
+    labels = np.arange(len(images)) % 3
+    result = clf.evaluate(images, labels)
+    probs = minicnn.to_host(model.predict_proba(norm.transform(images)))
+    assert result["accuracy"] == pytest.approx((probs.argmax(axis=1) == labels).mean())
+    assert result["loss"] == pytest.approx(-np.log(probs[np.arange(len(labels)), labels]).mean(), rel=1e-5)
+    with pytest.raises(ValueError, match=r"evaluate: labels: holds class id -1, expected ids 0\.\.2 \(3 classes\)"):
+        clf.evaluate(images[:3], [0, -1, 1])
+    with pytest.raises(ValueError, match=r"evaluate: labels: holds class id 9"):
+        clf.evaluate(images[:3], [0, 9, 1])
+    with pytest.raises(ValueError, match=r"expected one label per image \(3\), got 2 labels"):
+        clf.evaluate(images[:3], [0, 1])
+
+
 def test_load_names_the_problem_with_files_that_are_not_training_checkpoints(tmp_path):
     with pytest.raises(minicnn.CheckpointError, match="no such checkpoint file"):
         minicnn.load(tmp_path / "missing.npz")

@@ -76,7 +76,9 @@ def test_public_name_is_documented(qualname, obj):
         if hasattr(obj, "backward") and obj not in ABSTRACT:
             for section in ("Shapes", "Parameters"):
                 assert has_section(doc, section), f"help({qualname}) has no '{section}:' section"
-            assert "Backward" in doc or "backward" in doc, f"help({qualname}) gives no backward formulas"
+            # A "Backward" section (a line that starts with it, e.g. "Backward: dx = ..." or "Backward, training
+            # mode ..."), not merely the word somewhere in the text.
+            assert re.search(r"^\s*Backward\b", doc, re.MULTILINE), f"help({qualname}) has no 'Backward' section"
         if "__init__" in obj.__dict__ and arguments(obj.__init__) and obj not in ABSTRACT:
             assert has_section(doc, "Parameters"), f"help({qualname}) has no 'Parameters:' section"
         for method in ("forward", "backward"):

@@ -175,6 +175,19 @@ def test_a_numpy_model_works_while_the_cupy_backend_is_active(cupy, tmp_path):
     assert isinstance(model.params["0.W"], np.ndarray)
 
 
+@pytest.mark.parametrize("build", [lambda: minicnn.MaxPool2D(2), lambda: minicnn.MaxPool2D(3, 2, 1),
+                                   lambda: minicnn.BatchNorm2D(3), lambda: minicnn.ReLU(), lambda: minicnn.LeakyReLU(),
+                                   lambda: minicnn.Dropout(0.5), lambda: minicnn.Conv2D(3, 4, 3, padding=1)],
+                         ids=["maxpool", "maxpool-overlapping", "batchnorm", "relu", "leaky-relu", "dropout", "conv"])
+def test_the_fused_paths_refuse_a_dout_of_the_wrong_shape_too(cupy, build):
+    minicnn.set_backend("cupy")
+    layer = build()
+    out = layer.forward(cupy.asarray(X4), training=True)
+    with pytest.raises(ValueError, match=r"backward: expected dout of shape"):
+        layer.backward(cupy.zeros((out.shape[0] - 1,) + tuple(out.shape[1:]), dtype=np.float32))
+    assert layer.backward(cupy.ones(out.shape, dtype=np.float32)).shape == X4.shape
+
+
 def test_augmentation_and_training_loop_run_on_the_gpu(cupy, tmp_path):
     """The Trainer keeps data on the device (labels may already be there) and checkpoints host arrays."""
     from minicnn.data import Augmenter

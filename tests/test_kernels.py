@@ -123,7 +123,7 @@ def test_maxpool_kernels_equal_the_generic_code(cupy, p):
     dx = layer.backward(dout)
     ref = minicnn.MaxPool2D((kh, kw), (sh, sw), (ph, pw))
     _close(cupy, out, type(ref).forward.generic(ref, x), rtol=0, atol=0)
-    _close(cupy, dx, type(ref).backward.generic(ref, dout), rtol=0, atol=0)
+    _close(cupy, dx, type(ref)._backward.generic(ref, dout), rtol=0, atol=0)
 
 
 @pytest.mark.gpu

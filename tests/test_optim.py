@@ -216,11 +216,19 @@ def test_lr_can_be_changed_between_steps():
 
 def test_invalid_hyper_parameters():
     m = FakeModel(make_params(0))
-    for bad in (lambda: SGD(m, lr=-1.0), lambda: SGD(m, lr=0.1, nesterov=True),
-                lambda: SGD(m, lr=0.1, momentum=0.9, nesterov=True, dampening=0.1),
-                lambda: Adam(m, betas=(1.0, 0.9)), lambda: Adam(m, eps=-1.0),
-                lambda: RMSprop(m, weight_decay=-0.1)):
-        with pytest.raises(ValueError):
+    for bad, message in [
+        (lambda: SGD(m, lr=-1.0), r"SGD: lr \(the learning rate\) must be >= 0, got -1.0"),
+        (lambda: Adam(m, lr=float("nan")), r"Adam: lr \(the learning rate\) must be >= 0, got nan"),
+        (lambda: SGD(m, lr=0.1, nesterov=True), r"SGD: Nesterov momentum needs momentum > 0 .*got momentum=0.0"),
+        (lambda: SGD(m, lr=0.1, momentum=0.9, nesterov=True, dampening=0.1), r"SGD: Nesterov .*dampening=0.1"),
+        (lambda: SGD(m, lr=0.1, momentum=-0.5), r"SGD: momentum must be >= 0, got -0.5"),
+        (lambda: Adam(m, betas=(1.0, 0.9)), r"Adam: betas\[0\] must be in \[0, 1\), got 1.0"),
+        (lambda: Adam(m, betas=(0.9, -0.1)), r"Adam: betas\[1\] must be in \[0, 1\), got -0.1"),
+        (lambda: Adam(m, eps=-1.0), r"Adam: eps must be >= 0, got -1.0"),
+        (lambda: RMSprop(m, weight_decay=-0.1), r"RMSprop: weight_decay must be >= 0, got -0.1"),
+        (lambda: RMSprop(m, alpha=-1), r"RMSprop: alpha must be >= 0, got -1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
             bad()
 
 
@@ -617,7 +625,7 @@ def test_make_schedule():
         make_schedule("cyclic", h)
     with pytest.raises(ValueError, match="gamma"):
         make_schedule("cosine", h, total_epochs=10, gamma=0.1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"'step' \(StepLR\).*missing 1 required positional argument: 'step_size'"):
         make_schedule("step", h)  # step_size is required
 
 

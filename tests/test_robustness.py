@@ -68,6 +68,36 @@ def test_batchnorm_refuses_integer_input(layer, shape):
             layer.forward(x, training=training)
 
 
+@pytest.mark.parametrize("build, message", [
+    (lambda: minicnn.Conv2D(0, 4, 3), r"Conv2D: in_channels must be a whole number >= 1, got 0"),
+    (lambda: minicnn.Conv2D(1, 2.5, 3), r"Conv2D: out_channels must be a whole number >= 1, got 2.5"),
+    (lambda: minicnn.Conv2D(1, 4, 2.7), r"kernel_size must be an int or a pair of ints, got 2.7"),
+    (lambda: minicnn.Conv2D(1, 4, "a"), r"kernel_size must be an int or a pair of ints, got 'a'"),
+    (lambda: minicnn.Conv2D(1, 4, (3, 3, 3)), r"kernel_size must be an int or a pair of ints, got \(3, 3, 3\)"),
+    (lambda: minicnn.Conv2D(1, 4, 3, stride=True), r"stride must be an int or a pair of ints, got True"),
+    (lambda: minicnn.Dense(0, 3), r"Dense: in_features must be a whole number >= 1, got 0"),
+    (lambda: minicnn.Dense(4, -2), r"Dense: out_features must be a whole number >= 1, got -2"),
+    (lambda: minicnn.MaxPool2D(0), r"MaxPool2D: kernel_size and stride must be >= 1, got kernel_size=\(0, 0\)"),
+    (lambda: minicnn.MaxPool2D(2, stride=0), r"MaxPool2D: .*got kernel_size=\(2, 2\), stride=\(0, 0\)"),
+    (lambda: minicnn.BatchNorm2D(0), r"BatchNorm2D: num_features must be a whole number >= 1, got 0"),
+    (lambda: minicnn.BatchNorm1D(3, momentum=5), r"BatchNorm1D: momentum .* in \[0, 1\], got 5"),
+    (lambda: minicnn.BatchNorm2D(3, eps=-1), r"BatchNorm2D: eps .* finite number > 0, got -1"),
+    (lambda: minicnn.BatchNorm2D(3, eps=float("nan")), r"BatchNorm2D: eps .* got nan"),
+    (lambda: minicnn.Dropout("a"), r"Dropout: p is the drop probability and must be a number in \[0, 1\), got 'a'"),
+    (lambda: minicnn.Dropout(1.0), r"Dropout: p .* got 1.0"),
+])
+def test_layer_constructors_refuse_bad_sizes_naming_the_argument_and_the_value(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_layer_constructors_take_numpy_integers_and_pairs():
+    conv = minicnn.Conv2D(np.int64(1), np.int32(4), (np.int64(3), 2), stride=[1, 1])
+    assert conv.kernel_size == (3, 2) and conv.out_channels == 4 and type(conv.out_channels) is int
+    assert minicnn.Dense(np.int64(6), 3).params["W"].shape == (6, 3)
+    assert minicnn.BatchNorm2D(np.int16(3), momentum=np.float32(0.2)).momentum == pytest.approx(0.2)
+
+
 @pytest.mark.parametrize("kernel, stride", [((17, 17), (1, 1)),  # the general path, 289 window positions
                                             ((1, 300), (1, 300)),  # the separable path, 300 columns per row
                                             ((300, 1), (300, 1))])
@@ -386,6 +416,9 @@ def test_arrays_over_the_size_limit_are_refused(tmp_path, monkeypatch):
     (b"hello, this is a text file\n", "looks like a text file, starting 'hello"),
     (b"", "it is empty"),
     (b"\x80\x04\x95", "looks like a Python pickle"),
+    (b"PK\x05\x06" + bytes(18), "it is an empty zip archive (an .npz with no arrays at all)"),  # np.savez(path)
+    (bytes(64), "it starts with bytes b'\\x00\\x00"),
+    ("caf\u00e9 au lait\n".encode(), "looks like a text file, starting 'caf\u00e9"),
 ])
 def test_files_that_are_no_archive_are_described_as_what_they_are(tmp_path, content, message):
     path = tmp_path / "x.npz"

@@ -1,6 +1,8 @@
 """Element-wise activations and dropout. Shapes: any -> the same shape."""
 from __future__ import annotations
 
+import numbers
+
 from .. import backend, kernels
 from ..backend import get_array_module
 from .base import Layer
@@ -31,7 +33,9 @@ class ReLU(Layer):
 
     def backward(self, dout):
         """dx = dout * [x > 0]."""
-        return _leaky_relu_backward(dout, self._saved("mask"), 0.0)
+        mask = self._saved("mask")
+        self._check_dout(dout, mask.shape)
+        return _leaky_relu_backward(dout, mask, 0.0)
 
 
 class LeakyReLU(Layer):
@@ -66,7 +70,9 @@ class LeakyReLU(Layer):
 
     def backward(self, dout):
         """dx = dout * (1 if x > 0 else negative_slope)."""
-        return _leaky_relu_backward(dout, self._saved("slope"), self.negative_slope)
+        slope = self._saved("slope")
+        self._check_dout(dout, slope.shape)
+        return _leaky_relu_backward(dout, slope, self.negative_slope)
 
 
 @kernels.gpu_fast_path(kernels.leaky_relu_forward)  # on CuPy: one kernel, and the cache is x itself
@@ -112,27 +118,33 @@ class Dropout(Layer):
 
     def __init__(self, p=0.5):
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"Dropout: p is the drop probability and must be in [0, 1), got {p}")
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+            raise ValueError(f"Dropout: p is the drop probability and must be a number in [0, 1), got {p!r}")
         self.p = float(p)
 
     def extra_repr(self):
         return f"p={self.p}"
 
-    cache_attrs = ("mask",)
+    # mask: the last training pass's; identity_pass: True after a pass that dropped nothing (evaluation, p = 0).
+    cache_attrs = ("mask", "identity_pass")
 
     def forward(self, x, training=True):
         """Training: out = x * mask with a fresh mask; evaluation: out = x."""
         if not training or self.p == 0.0:
-            self.mask = None
+            self.mask, self.identity_pass = None, True
             return x
         xp = get_array_module(x)
         out, self.mask = _dropout_forward(x, self.p, backend.random_state(xp))
+        self.identity_pass = None
         return out
 
     def backward(self, dout):
         """dx = dout * mask (the same mask as the forward pass), or dout after an evaluation pass."""
-        return dout if self.mask is None else _dropout_backward(dout, self.mask, self.p)
+        if getattr(self, "identity_pass", None):
+            return dout
+        mask = self._saved("mask")
+        self._check_dout(dout, mask.shape)
+        return _dropout_backward(dout, mask, self.p)
 
 
 # On CuPy: one float32 draw and one kernel; ``mask`` then holds the draws the kernel compares with p.

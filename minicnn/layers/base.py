@@ -15,9 +15,17 @@ parameters under prefixed names without copying them.
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 
 __all__ = ["Layer", "Container"]
+
+
+def positive_int(value, what: str) -> int:
+    """``value`` as an int after checking it is a whole number >= 1 (a count of channels or features)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{what} must be a whole number >= 1, got {value!r}")
+    return int(value)
 
 
 def _shape_str(shape) -> str:
@@ -78,8 +86,9 @@ class Layer:
         Evaluation, prediction and BatchNorm recalibration need only the output. A plain
         ``forward`` keeps every layer's cache until the next one (a convolution's im2col
         matrix is 9 x its input), so a network's evaluation would hold them all at once:
-        ``ece662_resnet`` held 19 GiB for 512 images. A container overrides this to drop each
-        child's cache as soon as the next child has its input, so memory peaks at one layer.
+        ``ece662_resnet`` held 11.2 GiB for a batch of 256 (``benchmarks/bench_eval_memory.py``; 0.7 GiB
+        with this method). A container overrides this to drop each child's cache as soon as the next
+        child has its input, so memory peaks at one layer.
         """
         out = self.forward(x, training)
         self.release_cache()
@@ -130,6 +139,16 @@ class Layer:
                 store[k] = host if backend_xp.__name__ == "numpy" else backend_xp.asarray(host)
         self.grads = {}
         return self
+
+    def _check_dout(self, dout, expected) -> None:
+        """Refuse a ``dout`` whose shape is not ``expected``, that of the last forward pass's output.
+
+        Without it a wrong upstream gradient fails deep inside a matrix product or a broadcast, or, worse,
+        broadcasts silently into a gradient of the wrong values.
+        """
+        if tuple(dout.shape) != tuple(expected):
+            raise ValueError(f"{self!r}.backward: expected dout of shape {_shape_str(tuple(expected))} (the shape of "
+                             f"the last forward pass's output), got {_shape_str(dout.shape)}")
 
     def _bad_input(self, expected: str, x) -> ValueError:
         """A ValueError naming this layer, the expected and the received shape."""

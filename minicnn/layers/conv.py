@@ -41,9 +41,11 @@ im2col's matrix is KH*KW times the output: about a third of the memory for a 3x3
 """
 from __future__ import annotations
 
+import numbers
+
 from .. import initializers, kernels
 from ..backend import get_array_module
-from .base import Layer
+from .base import Layer, positive_int
 
 __all__ = ["Conv2D", "im2col", "col2im", "col2im_input_grad", "conv_input_grad", "conv2d_naive", "conv_output_size", "pair",
            "shifted_rows", "conv2d_shifted", "conv2d_shifted_backward", "CONV_ALGORITHMS", "set_conv_algorithm"]
@@ -52,12 +54,14 @@ CONV_ALGORITHMS = ("auto", "im2col", "shifted")
 
 
 def pair(v, name="value"):
-    """``3 -> (3, 3)``; ``(3, 1) -> (3, 1)``; ``name`` labels the error for a wrong length."""
-    if isinstance(v, (tuple, list)):
-        if len(v) != 2:
-            raise ValueError(f"{name} must be an int or a pair, got {v!r}")
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
+    """``3 -> (3, 3)``; ``(3, 1) -> (3, 1)``; ``name`` labels the error for anything else.
+
+    Only integers are taken (Python's or NumPy's, not bool): a size of 2.7 is refused rather than cut to 2.
+    """
+    items = tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    if len(items) != 2 or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in items):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return int(items[0]), int(items[1])
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -346,8 +350,9 @@ class Conv2D(Layer):
     kernel turned by 180 degrees and its channel axes swapped (:func:`conv_input_grad`):
         dx[n, c, y, x] = sum_{f, u, v} dout[n, f, y + ph - u, x + pw - v] W[f, c, u, v]
                        = conv(dout, W_rot, padding=(KH-1-ph, KW-1-pw)),  W_rot[c, f, u, v] = W[f, c, KH-1-u, KW-1-v]
-    Both give the same dx (``tests/test_reference.py``); the layer takes the convolution
-    when it moves less memory (see :meth:`_dx_by_convolution`).
+    Both give the same dx (``tests/test_reference.py``); the layer takes the convolution for
+    stride 1, padding at most K - 1 and C_out <= 2 C_in, where it measured faster on the CPU
+    (see :meth:`_dx_by_convolution`), and col2im otherwise.
 
     Algorithms (``algorithm``): ``"im2col"`` as above; ``"shifted"`` (stride 1 only) unfolds
     the input along its width alone (:func:`shifted_rows`, R of shape (C_in*KW, about N*Hp*Wp))
@@ -368,7 +373,8 @@ class Conv2D(Layer):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, init="he_normal",
                  algorithm="auto"):
         super().__init__()
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.in_channels = positive_int(in_channels, f"{type(self).__name__}: in_channels")
+        self.out_channels = positive_int(out_channels, f"{type(self).__name__}: out_channels")
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.stride = pair(stride, "stride")
         self.padding = pair(padding, "padding")
@@ -491,6 +497,7 @@ class Conv2D(Layer):
         See the class docstring for the formulas.
         """
         algorithm, x_shape, matrix = self._saved()
+        self._check_dout(dout, (x_shape[0], self.out_channels, *self.output_shape(x_shape[2], x_shape[3])))
         W = self.params["W"]
         f = self.out_channels
         if algorithm == "shifted":

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 from .. import initializers
-from .base import Layer
+from .base import Layer, positive_int
 
 __all__ = ["Dense", "Flatten"]
 
@@ -30,7 +30,8 @@ class Dense(Layer):
 
     def __init__(self, in_features, out_features, bias=True, init="he_normal"):
         super().__init__()
-        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.in_features = positive_int(in_features, "Dense: in_features")
+        self.out_features = positive_int(out_features, "Dense: out_features")
         self.params["W"] = initializers.get_initializer(init)(
             (self.in_features, self.out_features), self.in_features, self.out_features
         )
@@ -54,7 +55,9 @@ class Dense(Layer):
 
     def backward(self, dout):
         """dout (N, D_out) -> dx = dout @ W^T; sets ``grads["W"]`` = x^T @ dout, ``grads["b"]`` = sum dout."""
-        self.grads["W"] = self._saved("x").T @ dout
+        x = self._saved("x")
+        self._check_dout(dout, (x.shape[0], self.out_features))
+        self.grads["W"] = x.T @ dout
         if "b" in self.params:
             self.grads["b"] = dout.sum(axis=0)
         dx = dout @ self.params["W"].T
@@ -85,4 +88,6 @@ class Flatten(Layer):
 
     def backward(self, dout):
         """dx = dout reshaped back to the input's shape."""
-        return dout.reshape(self._saved("shape"))
+        shape = self._saved("shape")
+        self._check_dout(dout, (shape[0], math.prod(shape[1:])))
+        return dout.reshape(shape)

@@ -14,12 +14,15 @@ evaluation sees them (no dropout, no augmentation).
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 
 from .. import initializers, kernels
 from ..backend import get_array_module, module_of, to_array_module
 from .activations import Dropout
-from .base import Layer
+from .base import Layer, positive_int
 
 __all__ = ["BatchNorm1D", "BatchNorm2D", "batchnorm_layers", "recalibrate_batchnorm"]
 
@@ -49,7 +52,13 @@ class _BatchNorm(Layer):
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5):
         super().__init__()
-        self.num_features = int(num_features)
+        name = type(self).__name__
+        self.num_features = positive_int(num_features, f"{name}: num_features")
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"{name}: momentum is the weight of each new batch in the running statistics and must "
+                             f"be a number in [0, 1], got {momentum!r}")
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0.0 or not math.isfinite(eps):
+            raise ValueError(f"{name}: eps is added to the variance and must be a finite number > 0, got {eps!r}")
         self.momentum, self.eps = float(momentum), float(eps)
         self.params["gamma"] = initializers.ones((self.num_features,))
         self.params["beta"] = initializers.zeros((self.num_features,))
@@ -90,6 +99,7 @@ class _BatchNorm(Layer):
         training-mode forward, dout * gamma / sqrt(running_var + eps) after an evaluation one.
         """
         batch_stats, xhat, inv_std = self._saved()
+        self._check_dout(dout, xhat.shape)
         dx, self.grads["gamma"], self.grads["beta"] = _backward(dout, xhat, inv_std, self.params["gamma"],
                                                                 batch_stats, self.axes, self.sum_of_products)
         self.cache = None

@@ -48,7 +48,8 @@ class _Pool2D(Layer):
         self.padding = pair(padding, "padding")
         kh, kw = self.kernel_size
         if min(self.kernel_size) < 1 or min(self.stride) < 1:
-            raise ValueError(f"{type(self).__name__}: kernel_size and stride must be >= 1")
+            raise ValueError(f"{type(self).__name__}: kernel_size and stride must be >= 1, "
+                             f"got kernel_size={self.kernel_size}, stride={self.stride}")
         if self.padding[0] > kh // 2 or self.padding[1] > kw // 2 or min(self.padding) < 0:
             raise ValueError(
                 f"{type(self).__name__}: padding {self.padding} must be between 0 and half the kernel {self.kernel_size}"
@@ -118,9 +119,15 @@ class MaxPool2D(_Pool2D):
             return self._forward_separable(x)
         return self._forward_general(x, xpad)
 
-    @kernels.gpu_fast_path(kernels.maxpool2d_backward)
     def backward(self, dout):
         """dout (N, C, OH, OW) -> dx (N, C, H, W): each window's dout goes to its arg-max, zero elsewhere."""
+        n, c, h, w = self._saved()[1]  # the input's shape, in the cache of either path
+        self._check_dout(dout, (n, c, *self.output_shape(h, w)))
+        return self._backward(dout)
+
+    @kernels.gpu_fast_path(kernels.maxpool2d_backward)
+    def _backward(self, dout):
+        """The backward pass after the check (on CuPy: one kernel)."""
         if self._saved()[0] == "separable":
             return self._backward_separable(dout)
         return self._backward_general(dout)
@@ -222,6 +229,7 @@ class AvgPool2D(_Pool2D):
         """dout (N, C, OH, OW) -> dx (N, C, H, W): dout / (KH KW) added to every pixel of its window."""
         xp = get_array_module(dout)
         x_shape, padded_shape = self._saved()
+        self._check_dout(dout, (*x_shape[:2], *self.output_shape(x_shape[2], x_shape[3])))
         share = dout * dout.dtype.type(1.0 / len(self._slices))
         dxpad = xp.zeros(padded_shape, dtype=dout.dtype)
         for sl in self._slices:
@@ -254,4 +262,5 @@ class GlobalAvgPool2D(Layer):
         """dout (N, C) -> dx (N, C, H, W) = dout / (H W) broadcast over every pixel."""
         xp = get_array_module(dout)
         n, c, h, w = self._saved()
+        self._check_dout(dout, (n, c))
         return xp.broadcast_to((dout / (h * w))[:, :, None, None], (n, c, h, w)).copy()

@@ -64,6 +64,12 @@ class ResidualBlock(Container):
         s = run(self.proj_bn, run(self.proj, x)) if self.projection else x
         return run(self.relu_out, h + s)
 
+    def release_cache(self) -> None:
+        """Drop every cache, the two ReLUs' masks too (they hold no parameters, so they are not children)."""
+        super().release_cache()
+        self.relu1.release_cache()
+        self.relu_out.release_cache()
+
     def backward(self, dout):
         """dx = d(main branch)(g) + d(shortcut)(g), with g = dout * [out > 0]; fills the children's grads."""
         g = self.relu_out.backward(dout)

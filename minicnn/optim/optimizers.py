@@ -60,7 +60,7 @@ class Optimizer:
     slots: tuple[str, ...] = ()
 
     def __init__(self, model, lr: float) -> None:
-        _check(lr >= 0.0, f"invalid learning rate: {lr}")
+        _check(lr >= 0.0, f"{type(self).__name__}: lr (the learning rate) must be >= 0, got {lr}")
         self.model = model
         self.lr = float(lr)
         self.steps = 0
@@ -201,10 +201,11 @@ class SGD(Optimizer):
 
     def __init__(self, model, lr: float, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, dampening: float = 0.0) -> None:
-        _check(momentum >= 0.0, f"invalid momentum: {momentum}")
-        _check(weight_decay >= 0.0, f"invalid weight_decay: {weight_decay}")
+        _check(momentum >= 0.0, f"{type(self).__name__}: momentum must be >= 0, got {momentum}")
+        _check(weight_decay >= 0.0, f"{type(self).__name__}: weight_decay must be >= 0, got {weight_decay}")
         _check(not nesterov or (momentum > 0 and dampening == 0),
-               "Nesterov momentum requires momentum > 0 and dampening == 0")
+               f"{type(self).__name__}: Nesterov momentum needs momentum > 0 and dampening == 0, got momentum={momentum}, "
+               f"dampening={dampening}")
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
         self.weight_decay = float(weight_decay)
@@ -247,10 +248,10 @@ class Adam(Optimizer):
     def __init__(self, model, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:
         beta1, beta2 = betas
-        _check(0.0 <= beta1 < 1.0, f"invalid beta1: {beta1}")
-        _check(0.0 <= beta2 < 1.0, f"invalid beta2: {beta2}")
-        _check(eps >= 0.0, f"invalid eps: {eps}")
-        _check(weight_decay >= 0.0, f"invalid weight_decay: {weight_decay}")
+        _check(0.0 <= beta1 < 1.0, f"{type(self).__name__}: betas[0] must be in [0, 1), got {beta1}")
+        _check(0.0 <= beta2 < 1.0, f"{type(self).__name__}: betas[1] must be in [0, 1), got {beta2}")
+        _check(eps >= 0.0, f"{type(self).__name__}: eps must be >= 0, got {eps}")
+        _check(weight_decay >= 0.0, f"{type(self).__name__}: weight_decay must be >= 0, got {weight_decay}")
         self.betas = (float(beta1), float(beta2))
         self.eps = float(eps)
         self.weight_decay = float(weight_decay)
@@ -313,10 +314,10 @@ class RMSprop(Optimizer):
 
     def __init__(self, model, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  momentum: float = 0.0, weight_decay: float = 0.0, centered: bool = False) -> None:
-        _check(alpha >= 0.0, f"invalid alpha: {alpha}")
-        _check(eps >= 0.0, f"invalid eps: {eps}")
-        _check(momentum >= 0.0, f"invalid momentum: {momentum}")
-        _check(weight_decay >= 0.0, f"invalid weight_decay: {weight_decay}")
+        _check(alpha >= 0.0, f"{type(self).__name__}: alpha must be >= 0, got {alpha}")
+        _check(eps >= 0.0, f"{type(self).__name__}: eps must be >= 0, got {eps}")
+        _check(momentum >= 0.0, f"{type(self).__name__}: momentum must be >= 0, got {momentum}")
+        _check(weight_decay >= 0.0, f"{type(self).__name__}: weight_decay must be >= 0, got {weight_decay}")
         self.alpha = float(alpha)
         self.eps = float(eps)
         self.momentum = float(momentum)
