@@ -74,6 +74,18 @@ def test_train_resume_init_from_evaluate_tta_and_precise_bn_with_the_cupy_backen
     for k, v in a.state_arrays().items():
         np.testing.assert_array_equal(c.state_arrays()[k], v, err_msg=k)
 
+    # and with precise BN after each epoch: the same weights still, other running statistics
+    precise = tmp_path / "precise"
+    assert train_script.main([*data, *TRAIN, "--out", str(precise), "--epochs", "2", "--no-test", "--cuda-graph",
+                              "--precise-bn", "64"]) == 0
+    assert "(precise BN on 64 images" in capsys.readouterr().out
+    minicnn.set_backend("numpy")
+    d, _, meta_d = load_checkpoint(precise / "last.npz")
+    for k, v in a.params.items():
+        np.testing.assert_array_equal(d.params[k], v, err_msg=k)
+    assert any(not np.allclose(d.buffers[k], v) for k, v in a.buffers.items())
+    assert [h["precise_bn_images"] for h in meta_d["history"]] == [64, 64]
+
     phase2 = tmp_path / "phase2"
     assert train_script.main([*data, *TRAIN, "--out", str(phase2), "--epochs", "1", "--init-from",
                               str(full / "best.npz"), "--lr", "3e-4", "--no-test"]) == 0
