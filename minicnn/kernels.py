@@ -922,7 +922,8 @@ def maxpool2d_forward(layer, x, training=True):
 
 
 def maxpool2d_backward(layer, dout):
-    """Fused ``minicnn.MaxPool2D._backward`` (backward after its shape check): one launch, each input pixel gathers its windows' gradients."""
+    """Fused ``minicnn.MaxPool2D._backward`` (backward after its shape check): one launch, each input pixel
+    gathers its windows' gradients."""
     xp = get_array_module(dout)
     _, x_shape, arg = layer._saved()
     dout = xp.ascontiguousarray(dout)

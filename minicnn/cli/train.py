@@ -72,6 +72,7 @@ from minicnn.distributed import DistributedTrainer, world
 from minicnn.losses import MSELoss, SoftmaxCrossEntropy
 from minicnn.metrics import classification_report
 from minicnn.layers.conv import CONV_ALGORITHMS, set_conv_algorithm
+from minicnn.layers.normalization import batchnorm_layers
 from minicnn.models import MODELS, build_model
 from minicnn.optim import make_optimizer, make_schedule
 from minicnn.training import RUN_FILES, Trainer, TrainingDiverged
@@ -453,7 +454,7 @@ def run(argv=None):
     model = build_model(args.model, num_classes=len(class_names))
     conv_algorithm = getattr(args, "conv_algorithm", "auto")
     set_conv_algorithm(model, conv_algorithm)
-    has_batchnorm = any(type(m).__name__.startswith("BatchNorm") for m in _layers(model))
+    has_batchnorm = bool(batchnorm_layers(model))
     if has_batchnorm and (args.batch_size == 1 or len(train_ds) % args.batch_size == 1):
         raise RunError(f"--batch-size {args.batch_size}: {len(train_ds)} training images leave a last batch of one "
                        f"image, which {args.model}'s BatchNorm cannot normalise; choose another --batch-size")
@@ -539,12 +540,6 @@ def run(argv=None):
     print(f"PublicTest accuracy of the best epoch ({meta['epoch']}): {report['accuracy']:.4f} "
           f"({report['num_examples']} images) -> {out / 'test_metrics.json'}")
     return 0
-
-
-def _layers(layer):
-    yield layer
-    for _, child in layer.children():
-        yield from _layers(child)
 
 
 if __name__ == "__main__":
