@@ -283,11 +283,12 @@ def use_heap_allocator() -> bool:
     faster: the kernel's time fell from 17-24 s to 3-4 s; README's benchmarks
     section has the commands).
 
-    The setting is process-wide (PyTorch in the same process profits too), so
-    the library never calls it on import: the command-line tools (train,
-    evaluate, predict, precise-bn) and the benchmarks do. Returns False where
-    it does not apply (not Linux/glibc); does nothing on the GPU's memory,
-    which CuPy pools already.
+    The cost: the process keeps the peak of its memory until it exits (each
+    step reaches that peak again anyway). The setting is process-wide (PyTorch
+    in the same process profits too), so the library never calls it on import:
+    the command-line tools (train, evaluate, predict, precise-bn) and the
+    benchmarks do. Returns False where it does not apply (not Linux/glibc);
+    does nothing on the GPU's memory, which CuPy pools already.
     """
     import ctypes  # noqa: PLC0415
     import sys  # noqa: PLC0415
@@ -300,5 +301,9 @@ def use_heap_allocator() -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # constants from glibc's malloc.h
     ok_mmap = libc.mallopt(M_MMAP_MAX, 0) == 1
-    ok_trim = libc.mallopt(M_TRIM_THRESHOLD, 2**30) == 1  # keep up to 1 GiB of freed memory
+    # -1 turns trimming off (glibc reads it as the largest unsigned value). A finite threshold T returns the
+    # whole free top of the heap to the kernel whenever it exceeds T: with T = 1 GiB, a vgg_fer_slim step at
+    # batch 128 (2.2 GiB of activations and im2col matrices, all freed at its end) gave its memory back every
+    # step and faulted it in again: 1,200-3,500 huge-page faults and about 35 % more time a step.
+    ok_trim = libc.mallopt(M_TRIM_THRESHOLD, -1) == 1
     return ok_mmap and ok_trim

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,26 @@ def test_the_train_step_benchmark_times_both_sides_pins_tf32_and_writes_json(tmp
         assert r["ratio"] == pytest.approx(r["torch"]["median_s"] / r["minicnn"]["median_s"], rel=1e-2, abs=1e-3)
     assert report["rows"][2]["peer"] == "torch.compile (eager)"
     assert "minicnn_peak_mib" not in report["rows"][0]  # device memory is a GPU figure
+    if sys.platform.startswith("linux"):  # the CPU's page faults per step, both sides
+        assert all(r["minicnn_faults_per_step"] >= 0 and r["torch_faults_per_step"] >= 0 for r in report["rows"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts page faults with getrusage (Linux)")
+def test_the_benchmark_counts_the_page_faults_of_each_call():
+    import mmap  # noqa: PLC0415
+
+    from minicnn.cli import bench  # noqa: PLC0415
+
+    def touch_fresh_pages(pages=256):  # an anonymous mapping of its own: every page faults, whatever malloc does
+        m = mmap.mmap(-1, pages * mmap.PAGESIZE)
+        for i in range(0, len(m), mmap.PAGESIZE):
+            m[i] = 1
+        m.close()
+
+    faulting, _ = bench.measure(touch_fresh_pages, repeats=3, warmup=2, sync=None)
+    quiet, _ = bench.measure(lambda: None, repeats=3, warmup=2, sync=None)
+    assert faulting["page_faults_per_call"] >= 250
+    assert quiet["page_faults_per_call"] <= 10
 
 
 def test_a_peer_that_does_not_work_is_a_row_that_says_why(tmp_path):

@@ -18,7 +18,9 @@ pinned on both sides (``--tf32``, default off: full float32, as NumPy computes)
 and stated in the output. On a GPU each row also gives the peak device memory
 of a few steps: what CuPy's pool reserved beside PyTorch's ``max_memory_reserved``;
 on the CPU, minicnn's rows give the peak of what NumPy allocated over a few steps
-(``tracemalloc``; PyTorch's CPU allocations are not traced, so it has no such column).
+(``tracemalloc``; PyTorch's CPU allocations are not traced, so it has no such column), and both
+sides' minor page faults per step (pages the kernel had to map on first touch; README's "Freed
+memory, reused" says why they cost time).
 
 ``python benchmarks/bench_train_step.py`` is the same command. PyTorch is the peer: install it
 (CPU build: see README) to get the comparison.
@@ -89,13 +91,31 @@ def torch_step(torch, model, x, y, device, train=True, compile_backend=None):
 
 
 def measure(run, repeats, warmup, sync):
-    """``(summary, first_call_seconds)``: the first call timed alone (it compiles, where anything does)."""
+    """``(summary, first_call_seconds)``: the first call timed alone (it compiles, where anything does).
+
+    The summary also holds ``page_faults_per_call``: the process's minor page faults over the warm-up
+    and timed calls, per call (None where the OS does not count them). A CPU step that reuses freed
+    memory touches no new page; one whose arrays come fresh from the kernel faults on every page of them.
+    """
     t = time.perf_counter()
     run()
     if sync:
         sync()
     first = time.perf_counter() - t
-    return summarize(time_call(run, repeats, max(warmup - 1, 0), sync)), first
+    calls = repeats + max(warmup - 1, 0)
+    faults = _minor_faults()
+    summary = summarize(time_call(run, repeats, max(warmup - 1, 0), sync))
+    summary["page_faults_per_call"] = None if faults is None else round((_minor_faults() - faults) / calls, 1)
+    return summary, first
+
+
+def _minor_faults():
+    """Minor page faults of this process so far (the kernel mapping a page on first touch); None off Unix."""
+    try:
+        import resource  # noqa: PLC0415  (Unix only)
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _mib(n):
@@ -124,6 +144,7 @@ def bench_row(torch, args, name, b, mode, train, fused, device, syncs, xp, graph
         g = ours_run.graphed
         row["graph"] = {"eager_steps": g.eager_steps, "captures": g.captures, "replays": g.replays}
     if device != "cuda":
+        row["minicnn_faults_per_step"] = o["page_faults_per_call"]
         with kernels.use_fused(fused):
             row["minicnn_traced_peak_mib"] = _mib(traced_peak_bytes(lambda: [ours_run() for _ in range(MEMORY_STEPS)]))
     try:
@@ -135,6 +156,8 @@ def bench_row(torch, args, name, b, mode, train, fused, device, syncs, xp, graph
         return row
     row.update({"torch_img_s": round(b / t["median_s"], 1), "ratio": round(t["median_s"] / o["median_s"], 3),
                 "torch_ms": round(1e3 * t["median_s"], 1), "torch_first_call_s": round(t_first, 2), "torch": t})
+    if device != "cuda":
+        row["torch_faults_per_step"] = t["page_faults_per_call"]
     if device == "cuda":
         with kernels.use_fused(fused):
             # a graph's memory is its own pool's (minicnn.graphs), counted beside the default pool's
@@ -208,7 +231,7 @@ def main(argv=None):
     if device == "cuda":
         cols += ["minicnn_peak_mib", "torch_peak_mib", "memory_ratio"]
     else:
-        cols += ["minicnn_traced_peak_mib"]
+        cols += ["minicnn_traced_peak_mib", "minicnn_faults_per_step", "torch_faults_per_step"]
     print()
     print(f"minicnn ({args.backend}) vs PyTorch ({device}), float32, TF32 {args.tf32}, median of {args.repeats} "
           f"steps after {args.warmup} warm-up; ratio = minicnn throughput / PyTorch throughput")
