@@ -270,7 +270,7 @@ def using_random_state(xp, rng):
             _random_states[key] = saved
 
 
-def use_heap_allocator() -> bool:
+def use_heap_allocator(trim_threshold: int | None = None) -> bool:
     """Make glibc serve large arrays from its heap and keep freed memory for reuse.
 
     Why: by default glibc maps every allocation above 32 MB fresh from the
@@ -278,21 +278,40 @@ def use_heap_allocator() -> bool:
     activation arrays of that size (hw3_cnn at batch 128: 37 MB per 32-channel
     48x48 map), so each step pays tens of thousands of page faults just to
     touch new memory. With mmap off and trimming off, freed blocks are reused
-    instead (on the 2-core development machine this made a NumPy hw3_cnn step
-    about 10-15 % faster, and evaluating dlcv_cnn on PublicTest 1.6-2.2x
-    faster: the kernel's time fell from 17-24 s to 3-4 s; README's benchmarks
-    section has the commands).
+    instead (on the 2-core development machines this made a NumPy hw3_cnn step
+    about 10-15 % faster, a vgg_fer_slim step 1.2-1.3x, and evaluating dlcv_cnn
+    on PublicTest 1.6-2.2x faster: the kernel's time fell from 17-24 s to 3-4 s;
+    README's "Freed memory, reused" has the commands).
 
-    The cost: the process keeps the peak of its memory until it exits (each
-    step reaches that peak again anyway). The setting is process-wide (PyTorch
-    in the same process profits too), so the library never calls it on import:
-    the command-line tools (train, evaluate, predict, precise-bn) and the
-    benchmarks do. Returns False where it does not apply (not Linux/glibc);
-    does nothing on the GPU's memory, which CuPy pools already.
+    Parameters:
+        trim_threshold: None (the default) never gives freed memory back to the
+            kernel. A number of bytes T gives the free top of the heap back
+            whenever it exceeds T, glibc's own rule (its default T is 128 KiB).
+            Before commit c0fbece minicnn used T = 1 GiB: a vgg_fer_slim step at
+            batch 128 frees about 2 GiB of activations and im2col matrices at its
+            end, so each step gave them back and faulted them in again (about
+            2,400 page faults a step, 1.2-1.3x slower); ``minicnn bench
+            --malloc-trim-threshold`` measures such a value.
+
+    The costs: the process keeps the high-water mark of its heap until it exits,
+    one-off peaks included (decoding the data, a larger evaluation batch), and a
+    heap of mixed sizes can fragment above the peak of what is live at once. Swap
+    can page it out, but the kernel cannot reclaim it. ``ctypes.CDLL("libc.so.6")
+    .malloc_trim(0)`` gives the free part back on request. (Threads other than
+    the main one keep their own arenas, which still map requests above 64 MB
+    fresh.) The setting is process-wide (PyTorch in the same process profits
+    too), so the library never calls it on import: the command-line tools
+    (train, evaluate, predict, precise-bn) and the benchmarks do. Returns False
+    where it does not apply (not Linux/glibc); does nothing on the GPU's memory,
+    which CuPy pools already.
     """
     import ctypes  # noqa: PLC0415
     import sys  # noqa: PLC0415
 
+    if trim_threshold is not None and (isinstance(trim_threshold, bool) or not isinstance(trim_threshold, int)
+                                       or not 0 <= trim_threshold < 2**31):
+        raise ValueError(f"use_heap_allocator: trim_threshold is None (never trim) or a number of bytes in "
+                         f"[0, 2**31), got {trim_threshold!r}")
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -301,9 +320,6 @@ def use_heap_allocator() -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # constants from glibc's malloc.h
     ok_mmap = libc.mallopt(M_MMAP_MAX, 0) == 1
-    # -1 turns trimming off (glibc reads it as the largest unsigned value). A finite threshold T returns the
-    # whole free top of the heap to the kernel whenever it exceeds T: with T = 1 GiB, a vgg_fer_slim step at
-    # batch 128 (2.2 GiB of activations and im2col matrices, all freed at its end) gave its memory back every
-    # step and faulted it in again: 1,200-3,500 huge-page faults and about 35 % more time a step.
-    ok_trim = libc.mallopt(M_TRIM_THRESHOLD, -1) == 1
+    # mallopt takes an int; glibc documents -1 as "disable trimming completely" (it becomes the largest size_t)
+    ok_trim = libc.mallopt(M_TRIM_THRESHOLD, -1 if trim_threshold is None else trim_threshold) == 1
     return ok_mmap and ok_trim

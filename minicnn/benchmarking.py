@@ -23,18 +23,21 @@ __all__ = ["setup", "time_call", "summarize", "environment", "torch_twin", "Torc
 _PRECISION: dict = {}  # what pin_tf32 last put in force; environment() reports it
 
 
-def setup(backend: str, torch, heap_allocator: bool = True, tf32: bool = False):
+def setup(backend: str, torch, heap_allocator: bool = True, tf32: bool = False, trim_threshold: int | None = None):
     """Select the minicnn backend and PyTorch's device; return (xp, device, sync_minicnn, sync_torch).
 
     The sync functions wait for queued GPU work, so that timings measure it
     (None on the CPU, where calls are synchronous). TensorFloat-32 is pinned
     on both sides (:func:`pin_tf32`, off unless ``tf32``), and every report's
-    ``environment`` says what was in force.
+    ``environment`` says what was in force. ``heap_allocator`` and
+    ``trim_threshold``: :func:`minicnn.backend.use_heap_allocator`'s setting
+    (None: never trim), or glibc's own with ``heap_allocator=False``.
     """
     xp = minicnn.set_backend(backend)
     pin_tf32(torch, tf32, backend)
     if heap_allocator:
-        minicnn.backend.use_heap_allocator()  # process-wide: PyTorch in this process gets it too
+        # process-wide: PyTorch in this process gets it too
+        minicnn.backend.use_heap_allocator(trim_threshold=trim_threshold)
     minicnn.seed(0)
     device = "cuda" if backend == "cupy" else "cpu"
     if device == "cuda":

@@ -166,3 +166,37 @@ def test_heap_allocator_reuses_freed_large_arrays_without_page_faults():
     # 1.2 GB freed at once, as a deep network's step frees its activations: kept too, not trimmed off the
     # top of the heap and faulted in again (a trim threshold of 1 GiB did that, every vgg_fer_slim step)
     assert worst("heap", 300_000_000) <= 5
+
+
+class _RecordingLibc:
+    """glibc as use_heap_allocator sees it: records each mallopt(param, value) and accepts it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, param, value):
+        self.calls.append((param, value))
+        return 1
+
+
+@pytest.mark.parametrize("threshold, expected", [(None, -1), (2**30, 2**30), (0, 0)])
+def test_heap_allocator_turns_mmap_off_and_sets_the_trim_threshold(monkeypatch, threshold, expected):
+    import ctypes  # noqa: PLC0415
+
+    libc = _RecordingLibc()
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: libc)
+    assert minicnn.backend.use_heap_allocator(trim_threshold=threshold)
+    # glibc's M_MMAP_MAX (-4) = 0: no mmap; M_TRIM_THRESHOLD (-1) = -1: never trim (glibc's documented value)
+    assert libc.calls == [(-4, 0), (-1, expected)]
+
+
+@pytest.mark.parametrize("bad", [-1, 2**31, 1.5, True, "1G"])
+def test_heap_allocator_refuses_a_trim_threshold_that_is_not_bytes(bad):
+    with pytest.raises(ValueError, match=r"trim_threshold is None \(never trim\) or a number of bytes"):
+        minicnn.backend.use_heap_allocator(trim_threshold=bad)
+
+
+def test_heap_allocator_does_nothing_off_linux(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert minicnn.backend.use_heap_allocator() is False

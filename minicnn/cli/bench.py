@@ -94,8 +94,9 @@ def measure(run, repeats, warmup, sync):
     """``(summary, first_call_seconds)``: the first call timed alone (it compiles, where anything does).
 
     The summary also holds ``page_faults_per_call``: the process's minor page faults over the warm-up
-    and timed calls, per call (None where the OS does not count them). A CPU step that reuses freed
-    memory touches no new page; one whose arrays come fresh from the kernel faults on every page of them.
+    and timed calls (not the first), per call (None where the OS does not count them; host faults on a
+    GPU too). A CPU step that reuses freed memory touches no new page; one whose arrays come fresh from
+    the kernel faults once per 4 KB page of them, or once per 2 MB huge page where the kernel gives those.
     """
     t = time.perf_counter()
     run()
@@ -193,17 +194,26 @@ def main(argv=None):
     p.add_argument("--tf32", choices=["off", "on"], default="off",
                    help="TensorFloat-32 for float32 products and convolutions, pinned on both sides (default off)")
     p.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator settings alone")
+    p.add_argument("--malloc-trim-threshold", type=int, default=None, metavar="BYTES",
+                   help="give freed memory above this many bytes back to the kernel (default: never; "
+                        "minicnn.backend.use_heap_allocator's trim_threshold)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--json", default=None, help="output JSON path (default runs/benchmarks/train_step_<backend>.json; the reference figures are benchmarks/results/*.json)")
     args = p.parse_args(argv)
     if args.cuda_graph and args.backend != "cupy":
         p.error("--cuda-graph needs --backend cupy")
+    if args.malloc_trim_threshold is not None:
+        if args.default_malloc:
+            p.error("--malloc-trim-threshold sets minicnn's heap allocator, which --default-malloc leaves off")
+        if not 0 <= args.malloc_trim_threshold < 2**31:
+            p.error(f"--malloc-trim-threshold: expected bytes in [0, 2**31), got {args.malloc_trim_threshold}")
 
     import torch  # noqa: PLC0415
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    xp, device, sync_ours, sync_torch = setup(args.backend, torch, heap_allocator=not args.default_malloc, tf32=args.tf32 == "on")
+    xp, device, sync_ours, sync_torch = setup(args.backend, torch, heap_allocator=not args.default_malloc,
+                                              tf32=args.tf32 == "on", trim_threshold=args.malloc_trim_threshold)
     precision = environment(torch)["precision"]
     rows = []
     for name in args.models:
@@ -240,6 +250,10 @@ def main(argv=None):
     out = args.json or default_json_path(f"train_step_{args.backend}")
     write_json(out, {"benchmark": "train_step", "environment": environment(torch), "dtype": "float32",
                      "precision": precision, "heap_allocator": not args.default_malloc,
+                     # bytes of free heap top given back to the kernel; "never" (minicnn's), or glibc's default
+                     "malloc_trim_threshold": ("glibc default" if args.default_malloc else
+                                               "never" if args.malloc_trim_threshold is None
+                                               else args.malloc_trim_threshold),
                      "warmup": args.warmup, "repeats": args.repeats,
                      "optimizer": "Adam(1e-3)", "rows": rows})
     print(f"\nwrote {out}")
