@@ -103,9 +103,10 @@ def measure(run, repeats, warmup, sync):
     if sync:
         sync()
     first = time.perf_counter() - t
-    calls = repeats + max(warmup - 1, 0)
+    more_warmup = max(warmup - 1, 0)  # the first call was one of the warm-up calls
     faults = _minor_faults()
-    summary = summarize(time_call(run, repeats, max(warmup - 1, 0), sync))
+    summary = summarize(time_call(run, repeats, more_warmup, sync))
+    calls = repeats + more_warmup
     summary["page_faults_per_call"] = None if faults is None else round((_minor_faults() - faults) / calls, 1)
     return summary, first
 
@@ -159,7 +160,7 @@ def bench_row(torch, args, name, b, mode, train, fused, device, syncs, xp, graph
                 "torch_ms": round(1e3 * t["median_s"], 1), "torch_first_call_s": round(t_first, 2), "torch": t})
     if device != "cuda":
         row["torch_faults_per_step"] = t["page_faults_per_call"]
-    if device == "cuda":
+    else:
         with kernels.use_fused(fused):
             # a graph's memory is its own pool's (minicnn.graphs), counted beside the default pool's
             ours_mem = pool_peak_bytes(xp, lambda: [ours_run() for _ in range(MEMORY_STEPS)],
