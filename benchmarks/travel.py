@@ -261,8 +261,8 @@ def main(argv=None) -> int:
         if args.command == "pack":
             manifest = pack(args.run_dir, args.out_dir)
             pieces = manifest["last.npz"]["pieces"]
-            print(f"packed {args.run_dir} into {args.out_dir}: last.npz in {len(pieces)} piece(s), "
-                  + ", ".join(k for k in manifest if k != "last.npz"))
+            packed = [f"last.npz in {len(pieces)} piece(s)"] + [k for k in manifest if k != "last.npz"]
+            print(f"packed {args.run_dir} into {args.out_dir}: {', '.join(packed)}")
         elif args.command == "unpack":
             replaced = unpack(args.fetched, args.run_dir)
             print(f"unpacked {args.fetched} into {args.run_dir}: {', '.join(replaced)}")

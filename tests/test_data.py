@@ -316,6 +316,101 @@ def test_folder_without_subfolders(tmp_path):
         load_fer2013(tmp_path / "flat", use_cache=False)
 
 
+# --------------------------------------------------------------------------- archives of image folders
+
+
+def faces_folder(root):
+    """The image-folder layout of test_image_folder_with_splits, plus things every archive must ignore."""
+    faces = random_faces(6, seed=3)
+    save_image(root / "train" / "angry" / "Training_1.png", faces[0])
+    save_image(root / "train" / "Happiness" / "img_b.png", faces[1])
+    save_image(root / "test" / "surprise" / "PublicTest_7.png", faces[2])
+    save_image(root / "test" / "Sad" / "other.png", faces[3])
+    save_image(root / "val" / "neutral" / "v.png", faces[4])
+    save_image(root / "test" / "fear" / "PrivateTest_3.png", faces[5])
+    (root / "train" / "angry" / "notes.txt").write_text("not an image")
+    (root / "train" / "angry" / "._Training_1.png").write_bytes(b"macOS resource fork, not an image")
+    (root / "__MACOSX" / "train").mkdir(parents=True)
+    (root / "__MACOSX" / "train" / "x.png").write_bytes(b"neither")
+    return root
+
+
+def pack(root, archive, arcname):
+    """``root`` packed as ``archive`` (.zip or a tar with any compression), its paths under ``arcname``."""
+    import tarfile  # noqa: PLC0415
+    import zipfile  # noqa: PLC0415
+
+    if archive.suffix == ".zip":
+        with zipfile.ZipFile(archive, "w") as zf:
+            for path in sorted(root.rglob("*")):
+                zf.write(path, (Path(arcname) / path.relative_to(root)).as_posix())
+    else:
+        mode = {".tar": "w", ".gz": "w:gz", ".xz": "w:xz", ".bz2": "w:bz2"}[archive.suffix]
+        with tarfile.open(archive, mode) as tf:
+            tf.add(root, arcname=arcname)
+    return archive
+
+
+@pytest.mark.parametrize("name, arcname", [("archive.zip", ""), ("fer.tar", "."), ("fer.tar.gz", "fer2013"),
+                                           ("fer.tar.xz", "data/fer2013"), ("fer.tar.bz2", "")])
+def test_archive_loads_as_its_folder(tmp_path, name, arcname):
+    # Kaggle's archive.zip holds train/ and test/ at its top; other archives wrap them in folders.
+    root = faces_folder(tmp_path / "fer")
+    archive = pack(root, tmp_path / name, arcname)
+    _assert_same(load_fer2013(archive, use_cache=False), load_fer2013(root, use_cache=False))
+    assert len(load_fer2013(archive, use_cache=False)) == 6
+
+
+def test_archive_of_class_folders_takes_the_usage_of_its_wrapper(tmp_path):
+    faces = random_faces(2, seed=4)
+    save_image(tmp_path / "test" / "happy" / "a.png", faces[0])
+    save_image(tmp_path / "test" / "sad" / "b.png", faces[1])
+    ds = load_fer2013(pack(tmp_path / "test", tmp_path / "t.zip", "faces/test"), use_cache=False)
+    assert ds.usage.tolist() == ["PublicTest", "PublicTest"] and ds.labels.tolist() == [3, 4]
+    np.testing.assert_array_equal(ds.images, faces)
+    # Without the wrapper the class folders are at the top: Training.
+    ds = load_fer2013(pack(tmp_path / "test", tmp_path / "top.zip", ""), use_cache=False)
+    assert ds.usage.tolist() == ["Training", "Training"]
+
+
+def test_archive_errors_name_the_member(tmp_path):
+    root = tmp_path / "fer"
+    save_image(root / "train" / "fear" / "good.png", random_faces(1)[0])
+    (root / "train" / "fear" / "junk.png").write_bytes(b"this is not a png")
+    with pytest.raises(DataError, match=r"bad\.zip:fer/train/fear/junk\.png: cannot read image"):
+        load_fer2013(pack(root, tmp_path / "bad.zip", "fer"), use_cache=False)
+    (root / "train" / "fear" / "junk.png").unlink()
+    save_image(root / "train" / "bored" / "b.png", random_faces(1)[0])
+    with pytest.raises(DataError, match=r"bored\.tar\.gz:train/bored: unknown class folder 'bored'"):
+        load_fer2013(pack(root, tmp_path / "bored.tar.gz", ""), use_cache=False)
+
+
+def test_archive_without_images_or_damaged(tmp_path):
+    (tmp_path / "empty" / "train" / "happy").mkdir(parents=True)
+    (tmp_path / "empty" / "train" / "happy" / "readme.txt").write_text("nothing here")
+    with pytest.raises(DataError, match=r"empty\.zip: folder has no class or split"):
+        load_fer2013(pack(tmp_path / "empty", tmp_path / "empty.zip", ""), use_cache=False)
+    save_image(tmp_path / "one" / "happy" / "a.png", random_faces(1)[0])
+    whole = pack(tmp_path / "one", tmp_path / "one.tar.xz", "").read_bytes()
+    cut = tmp_path / "cut.tar.xz"
+    cut.write_bytes(whole[: len(whole) // 2])  # still starts like a tar.xz, ends too soon
+    with pytest.raises(DataError, match=r"cut\.tar\.xz: damaged archive"):
+        load_fer2013(cut, use_cache=False)
+
+
+def test_archive_cache_round_trip_and_invalidation(tmp_path, monkeypatch):
+    root = faces_folder(tmp_path / "fer")
+    archive = pack(root, tmp_path / "fer.zip", "")
+    cache = tmp_path / "cache"
+    first = load_fer2013(archive, cache_dir=cache)
+    with monkeypatch.context() as m:
+        _forbid_decoding(m)
+        _assert_same(first, load_fer2013(archive, cache_dir=cache))
+    save_image(root / "train" / "fear" / "d.png", random_faces(1)[0])
+    pack(root, archive, "")  # rewritten: new size and mtime
+    assert len(load_fer2013(archive, cache_dir=cache)) == 7
+
+
 # --------------------------------------------------------------------------- cache
 
 

@@ -30,7 +30,8 @@ TRAIN_DEFAULTS = {"val_fraction": 0.1, "seed": 0, "undersample": None, "limit": 
 SPLIT_USAGE = {"test": "PublicTest", "privatetest": "PrivateTest", "val": "Training", "train": "Training"}
 
 WHERE_TO_GET_IT = """FER-2013 was not found. Get it from Kaggle, either
-  - the image folders of https://www.kaggle.com/datasets/msambare/fer2013 (train/<class>/*.jpg, test/<class>/*.jpg), or
+  - the image folders of https://www.kaggle.com/datasets/msambare/fer2013 (train/<class>/*.jpg, test/<class>/*.jpg;
+    its archive.zip as downloaded works too, unpacked or not), or
   - fer2013.csv from the 2013 challenge (columns emotion,pixels,Usage),
 then pass --data PATH, or set FER2013_DATA=PATH, or put it at ./data/fer2013 (folders) or ./data/fer2013.csv."""
 

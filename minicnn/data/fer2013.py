@@ -8,7 +8,9 @@ expressions. It circulates in three forms, all read by :func:`load_fer2013`:
 * ``icml_face_data.csv`` (the ICML 2013 challenge copy): the same data with
   headers ``emotion, Usage, pixels`` (leading spaces, which are stripped).
 * An image folder (Kaggle ``msambare/fer2013``): ``train/<class>/*.jpg`` and
-  ``test/<class>/*.jpg``, or a root holding the class folders directly.
+  ``test/<class>/*.jpg``, or a root holding the class folders directly; also
+  packed in a zip or tar file (Kaggle's ``archive.zip`` as downloaded, or the
+  ``.tar.xz`` of ``benchmarks/fer_subset.py``), read without unpacking it.
 
 Everything comes back as a :class:`FERDataset` of ``uint8`` images
 ``(N, 48, 48)``, ``int64`` labels in the standard FER-2013 order
@@ -24,10 +26,13 @@ folder at fault; nothing is ever returned half-loaded.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
+import tarfile
 import tempfile
 import warnings
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,7 +227,7 @@ def cache_enabled() -> bool:
 def default_cache_dir() -> Path:
     """``$MINICNN_CACHE`` if set (to a folder), else ``~/.cache/minicnn``.
 
-    Each source (a CSV or an image folder) takes one ``fer2013-<key>.npz`` of about 70 MB there;
+    Each source (a CSV, an image folder or an archive) takes one ``fer2013-<key>.npz`` of about 70 MB there;
     ``minicnn cache`` lists them and ``minicnn cache --clear`` removes them.
     """
     env = os.environ.get("MINICNN_CACHE")
@@ -240,11 +245,14 @@ def cache_files(cache_dir=None) -> list[Path]:
 
 
 def load_fer2013(path, cache_dir=None, use_cache: bool | None = None, progress: bool = False) -> FERDataset:
-    """Load FER-2013 from a CSV file or an image folder, using the cache when possible.
+    """Load FER-2013 from a CSV file, an image folder or an archive of one, using the cache when possible.
 
     Args:
-        path: ``fer2013.csv``, ``icml_face_data.csv``, or an image-folder root
-            (``<root>/{train,test,val}/<class>/*`` or ``<root>/<class>/*``).
+        path: ``fer2013.csv``, ``icml_face_data.csv``, an image-folder root
+            (``<root>/{train,test,val}/<class>/*`` or ``<root>/<class>/*``), or a
+            zip or tar file (``.tar.gz``, ``.tar.xz``, ``.tar.bz2`` too) holding such a
+            tree, recognised by its content; folders that wrap the tree in the
+            archive (``fer2013/train/...``) are stepped into.
         cache_dir: where decoded arrays are kept (default :func:`default_cache_dir`).
         use_cache: read and write the cache; ``False`` always decodes the source; None (default):
             unless ``$MINICNN_CACHE`` is ``off`` (:func:`cache_enabled`).
@@ -262,17 +270,18 @@ def load_fer2013(path, cache_dir=None, use_cache: bool | None = None, progress: 
     one, else from the split folder: ``train`` -> Training, ``test`` ->
     PublicTest, ``val``/``validation`` -> PrivateTest. Class folders directly
     under the root take the split of the root's own name when it is one
-    (``.../test`` -> PublicTest), else Training. Hidden folders and non-image
-    files are ignored.
+    (``.../test`` -> PublicTest), else Training. Hidden files and folders (names
+    starting with ``.`` or ``__``, e.g. ``__MACOSX``) and non-image files are ignored.
+    Errors inside an archive name the member as ``ARCHIVE:PATH``.
 
     Raises:
         DataError: the path does not exist, a CSV lacks the expected columns or
             has a bad row, a folder is not a known class, an image cannot be
-            decoded, or the source holds no images.
+            decoded, an archive is damaged, or the source holds no images.
     """
     p = Path(path).expanduser()
     if not p.exists():
-        raise DataError(f"{p}: no such file or directory (expected fer2013.csv, icml_face_data.csv or an image folder)")
+        raise DataError(f"{p}: no such file or directory (expected fer2013.csv, icml_face_data.csv, an image folder or a zip/tar of one)")
     p = p.resolve()
     if p.is_dir():
         entries = _discover_images(p)  # cheap; also validates the layout
@@ -302,6 +311,8 @@ def _load_uncached(p: Path, entries, progress: bool) -> FERDataset:
     """Decode the source (no cache involved)."""
     if p.is_dir():
         return _load_image_folder(p, entries, progress)
+    if _is_archive(p):
+        return _load_archive(p, progress)
     return _load_csv(p)
 
 
@@ -400,69 +411,85 @@ def _is_int(token: str) -> bool:
     return True
 
 
-# --------------------------------------------------------------------------- image folders
+# --------------------------------------------------------------------------- image folders and archives
 
 
-def _class_index(folder: Path) -> int:
-    idx = _CLASS_ALIASES.get(folder.name.lower())
+def _visible(name: str) -> bool:
+    # Hidden files and folders (.git, .ipynb_checkpoints, __MACOSX, macOS's ._x.jpg ...) are not data.
+    return not name.startswith((".", "__"))
+
+
+def _is_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in _IMAGE_EXTENSIONS and _visible(name)
+
+
+def _class_index(name: str, where: str) -> int:
+    idx = _CLASS_ALIASES.get(name.lower())
     if idx is None:
         raise DataError(
-            f"{folder}: unknown class folder {folder.name!r}; expected one of "
+            f"{where}: unknown class folder {name!r}; expected one of "
             f"{list(CLASS_NAMES)} (aliases: {sorted(set(_CLASS_ALIASES) - set(CLASS_NAMES))})"
         )
     return idx
 
 
-def _subdirs(folder: Path) -> list[Path]:
-    # Hidden folders (.git, .ipynb_checkpoints, __MACOSX ...) are not data.
-    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith((".", "__")))
+def _layout_entries(root_name: str, subdirs, files, where):
+    """``(relative path, label, usage, stat)`` of every image of an image-folder tree, in load order.
 
-
-def _discover_images(root: Path):
-    """List ``(relative path, label, usage, (size, mtime_ns))`` of every image under ``root``.
-
-    Validates the layout (known class / split folder names) without decoding.
+    The layout rules, shared by folders and archives. ``subdirs(rel)``: the sorted
+    visible folder names in ``rel`` ("" is the root); ``files(rel)``: ``(name, stat)``
+    of the image files in ``rel``; ``where(rel)``: how an error names ``rel``.
+    Validates the layout (known class and split folder names) without decoding.
     """
-    top = _subdirs(root)
+    top = subdirs("")
     if not top:
-        raise DataError(f"{root}: folder has no class or split (train/test) subfolders")
-    if any(d.name.lower() in _SPLIT_ALIASES for d in top):
+        raise DataError(f"{where('')}: folder has no class or split (train/test) subfolders")
+    if any(name.lower() in _SPLIT_ALIASES for name in top):
         groups = []
         for d in top:
-            split = _SPLIT_ALIASES.get(d.name.lower())
+            split = _SPLIT_ALIASES.get(d.lower())
             if split is None:
                 raise DataError(
-                    f"{d}: unexpected folder {d.name!r} next to split folders; expected only "
-                    f"{sorted(_SPLIT_ALIASES)} at {root}"
+                    f"{where(d)}: unexpected folder {d!r} next to split folders; expected only "
+                    f"{sorted(_SPLIT_ALIASES)} at {where('')}"
                 )
-            groups += [(c, split) for c in _subdirs(d)]
+            groups += [(f"{d}/{c}", c, split) for c in subdirs(d)]
     else:
         # root/<class>/..., no split level: the root itself may be a split folder
         # (e.g. ".../fer2013/test"); otherwise the images count as Training.
-        groups = [(c, _SPLIT_ALIASES.get(root.name.lower(), "Training")) for c in top]
+        groups = [(c, c, _SPLIT_ALIASES.get(root_name.lower(), "Training")) for c in top]
 
     entries = []
-    # Plain strings and os.scandir, not pathlib: this runs on every (cached)
-    # load over ~32k files, and pathlib objects would triple its cost.
-    for class_dir, split in groups:
-        label = _class_index(class_dir)
-        rel_dir = class_dir.relative_to(root).as_posix() + "/"
-        with os.scandir(class_dir) as it:
-            files = [
-                e for e in it if os.path.splitext(e.name)[1].lower() in _IMAGE_EXTENSIONS and e.is_file()
-            ]
-        files.sort(key=lambda e: e.name)
-        for e in files:
-            m = _PREFIX_RE.match(e.name)
-            st = e.stat()
-            entries.append((rel_dir + e.name, label, m.group(1) if m else split, (st.st_size, st.st_mtime_ns)))
+    for rel_dir, class_name, split in groups:
+        label = _class_index(class_name, where(rel_dir))
+        for name, stat in sorted(files(rel_dir)):
+            m = _PREFIX_RE.match(name)
+            entries.append((f"{rel_dir}/{name}", label, m.group(1) if m else split, stat))
     if not entries:
         raise DataError(
-            f"{root}: no images found (looked for {sorted(_IMAGE_EXTENSIONS)} files in the class folders)"
+            f"{where('')}: no images found (looked for {sorted(_IMAGE_EXTENSIONS)} files in the class folders)"
         )
     order = {u: i for i, u in enumerate(USAGES)}
     entries.sort(key=lambda e: (order[e[2]], e[0]))
     return entries
+
+
+def _discover_images(root: Path):
+    """:func:`_layout_entries` of a folder on disk; the stat is ``(size, mtime_ns)`` (the cache key)."""
+    # Plain strings and os.scandir, not pathlib: this runs on every (cached)
+    # load over ~32k files, and pathlib objects would triple its cost.
+    def scan(rel):
+        with os.scandir(os.path.join(root, rel)) as it:
+            return list(it)
+
+    def subdirs(rel):
+        return sorted(e.name for e in scan(rel) if e.is_dir() and _visible(e.name))
+
+    def files(rel):
+        found = [e for e in scan(rel) if _is_image(e.name) and e.is_file()]
+        return [(e.name, (st.st_size, st.st_mtime_ns)) for e, st in ((e, e.stat()) for e in found)]
+
+    return _layout_entries(root.name, subdirs, files, lambda rel: root / rel if rel else root)
 
 
 def to_grey48(im) -> np.ndarray:
@@ -476,8 +503,11 @@ def to_grey48(im) -> np.ndarray:
     return to_grey(im, (IMAGE_SIZE, IMAGE_SIZE))
 
 
-def _decode_image(file) -> np.ndarray:
-    """Read one image as ``uint8 (48, 48)`` (see :func:`to_grey48`)."""
+def _decode_image(file, name=None) -> np.ndarray:
+    """Read one image (a path or a binary file object) as ``uint8 (48, 48)`` (see :func:`to_grey48`).
+
+    ``name``: how an error names it (default: ``file`` itself).
+    """
     from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
 
     try:
@@ -485,19 +515,18 @@ def _decode_image(file) -> np.ndarray:
             im.load()  # decode now, so a truncated file fails here and not later
             return to_grey48(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{file}: cannot read image ({type(exc).__name__}: {exc})") from exc
+        raise DataError(f"{name or file}: cannot read image ({type(exc).__name__}: {exc})") from exc
 
 
-def _load_image_folder(root: Path, entries, progress: bool) -> FERDataset:
-    if entries is None:
-        entries = _discover_images(root)
-    files = [os.path.join(root, rel) for rel, _, _, _ in entries]
-    images = np.empty((len(files), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+def _decode_all(sources, names, progress: bool) -> np.ndarray:
+    """Decode every source (a path, or the bytes of an image file) into one ``uint8 (N, 48, 48)`` array."""
+    images = np.empty((len(sources), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
 
     def decode_chunk(start: int) -> int:
-        stop = min(start + _DECODE_CHUNK, len(files))
+        stop = min(start + _DECODE_CHUNK, len(sources))
         for i in range(start, stop):
-            images[i] = _decode_image(files[i])
+            src = sources[i]
+            images[i] = _decode_image(io.BytesIO(src) if isinstance(src, bytes) else src, names[i])
         return stop - start
 
     # PIL releases the GIL while decoding, so a few threads overlap file I/O and
@@ -505,16 +534,97 @@ def _load_image_folder(root: Path, entries, progress: bool) -> FERDataset:
     # future per file would cost as much as the decoding of a 48x48 JPEG.
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        done = pool.map(decode_chunk, range(0, len(files), _DECODE_CHUNK))
-        bar = _progress(total=len(files)) if progress else None
+        done = pool.map(decode_chunk, range(0, len(sources), _DECODE_CHUNK))
+        bar = _progress(total=len(sources)) if progress else None
         for n in done:  # also re-raises the first DataError of any chunk
             if bar is not None:
                 bar.update(n)
         if bar is not None:
             bar.close()
+    return images
+
+
+def _dataset(entries, images) -> FERDataset:
     labels = np.array([e[1] for e in entries], dtype=np.int64)
     usage = np.array([e[2] for e in entries], dtype=_USAGE_DTYPE)
     return FERDataset(images, labels, usage, CLASS_NAMES)
+
+
+def _load_image_folder(root: Path, entries, progress: bool) -> FERDataset:
+    if entries is None:
+        entries = _discover_images(root)
+    files = [os.path.join(root, rel) for rel, _, _, _ in entries]
+    return _dataset(entries, _decode_all(files, files, progress))
+
+
+def _is_archive(p: Path) -> bool:
+    """A zip or tar file (tar.gz, tar.xz, tar.bz2 too), recognised by its content, not its name."""
+    return zipfile.is_zipfile(p) or tarfile.is_tarfile(p)
+
+
+def _read_archive(p: Path) -> dict[str, bytes]:
+    """``{path in the archive: bytes}`` of every visible image file, read in one pass.
+
+    One pass because a compressed tar can only be read front to back; FER-2013's
+    JPEGs are about 50 MB, so holding them all is cheap.
+    """
+    def wanted(name):
+        parts = name.strip("/").split("/")
+        return _is_image(parts[-1]) and all(_visible(part) for part in parts[:-1])
+
+    files = {}
+    try:
+        if zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as zf:
+                for info in zf.infolist():
+                    if not info.is_dir() and wanted(info.filename):
+                        files[info.filename.strip("/")] = zf.read(info)
+        else:
+            with tarfile.open(p) as tf:  # "r:*": any compression
+                for member in tf:
+                    name = member.name.removeprefix("./")
+                    if member.isfile() and wanted(name):
+                        files[name.strip("/")] = tf.extractfile(member).read()
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:  # lzma/zlib errors are OSErrors
+        raise DataError(f"{p}: damaged archive ({type(exc).__name__}: {exc})") from exc
+    return files
+
+
+def _load_archive(p: Path, progress: bool) -> FERDataset:
+    """An image-folder tree packed in a zip or tar file, e.g. Kaggle's ``archive.zip`` as downloaded.
+
+    The tree is read from the member paths. Folders that wrap it (``fer2013/train/...``)
+    are descended while a level holds one folder, no images, and is neither a split
+    nor a class. Errors name the member as ``ARCHIVE:PATH``.
+    """
+    files = _read_archive(p)
+    folders: dict[str, set] = {}
+    images_in: dict[str, list] = {}
+    for path in files:
+        head, _, name = path.rpartition("/")
+        images_in.setdefault(head, []).append((name, None))
+        parts = head.split("/") if head else []
+        for i, part in enumerate(parts):
+            folders.setdefault("/".join(parts[:i]), set()).add(part)
+
+    prefix = ""
+    while not images_in.get(prefix) and len(folders.get(prefix, ())) == 1:
+        (only,) = folders[prefix]
+        if only.lower() in _SPLIT_ALIASES or only.lower() in _CLASS_ALIASES:
+            break
+        prefix = f"{prefix}/{only}" if prefix else only
+
+    def full(rel):
+        return "/".join(part for part in (prefix, rel) if part)
+
+    entries = _layout_entries(
+        prefix.rpartition("/")[2],
+        lambda rel: sorted(folders.get(full(rel), ())),
+        lambda rel: images_in.get(full(rel), []),
+        lambda rel: f"{p}:{full(rel)}" if full(rel) else str(p),
+    )
+    members = [full(rel) for rel, _, _, _ in entries]
+    return _dataset(entries, _decode_all([files[m] for m in members], [f"{p}:{m}" for m in members], progress))
 
 
 def _progress(total):
