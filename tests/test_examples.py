@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import minicnn
+from minicnn.classifier import pretrained_path
 from minicnn.data import CLASS_NAMES, Augmenter, Normalizer, load_fer2013
 from minicnn.inference import predict_proba, predict_tta, tta_views
 from minicnn.models import build_model
@@ -319,6 +320,12 @@ def test_precise_bn_refuses_to_overwrite_and_names_a_bad_checkpoint(fer_run, tmp
                                               "--data", str(data)], capsys)
     assert rc == 2 and str(missing) in err
     assert not (tmp_path / "o.npz").exists()
+    # a network without BatchNorm is refused by name before any data is read (none exists at --data here)
+    no_bn = pretrained_path("amth667_cnn")
+    rc, _, err = run_main(precise_bn_script, ["--checkpoint", str(no_bn), "--out", str(tmp_path / "o.npz"),
+                                              "--data", str(tmp_path / "no_data")], capsys)
+    assert rc == 2 and f"{no_bn}: its network (amth667_cnn) has no BatchNorm layer" in err, err
+    assert "Traceback" not in err and not (tmp_path / "o.npz").exists()
 
 
 # --------------------------------------------------------------------------- minicnn export
@@ -650,9 +657,13 @@ def test_predict_bad_inputs_are_reported_and_skipped(fer_run, face_files, tmp_pa
     assert f"{missing}: no such file" in err  # every bad file is reported, not only the first
     assert f"{text}: not an image" in err
     assert out.splitlines()[1].startswith(str(colour)) and len(out.splitlines()) == 2
-    # nothing readable: exit 2, nothing on stdout
+    # nothing readable: exit 2, nothing on stdout; with --json a document that says why
     rc, out, err = run_main(predict_script, [str(text), "--checkpoint", ckpt], capsys)
     assert rc == 2 and out == "" and "no image could be read" in err
+    rc, out, err = run_main(predict_script, [str(text), str(missing), "--checkpoint", ckpt, "--json"], capsys)
+    doc = json.loads(out)
+    assert rc == 2 and doc["predictions"] == [] and "no image could be read" in err
+    assert [s["image"] for s in doc["skipped"]] == [str(text), str(missing)]
 
     rc, out, err = run_main(predict_script, [str(colour), "--checkpoint", str(tmp_path / "gone.npz")], capsys)
     assert rc == 2 and str(tmp_path / "gone.npz") in err
@@ -686,8 +697,6 @@ def test_predict_takes_folders_and_a_backend(fer_run, face_files, tmp_path, caps
 
 
 def test_predict_defaults_to_the_shipped_weights(face_files, capsys):
-    from minicnn.classifier import pretrained_path  # noqa: PLC0415
-
     colour, _ = face_files
     rc, out, err = run_main(predict_script, [str(colour), "--json"], capsys)
     assert rc == 0, err

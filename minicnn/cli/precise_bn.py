@@ -17,7 +17,7 @@ It prints JSON with the validation accuracy and loss before and after, so the
 choice between the two files is made on the validation split (never on
 test), and writes a new checkpoint (atomically; the source is left as it is)
 that records what was done under ``batchnorm_recalibration``.
-Exit codes: 0 ok, 2 unusable checkpoint, data, backend or --out.
+Exit codes: 0 ok, 2 unusable checkpoint (a network without BatchNorm too), data, backend or --out.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from minicnn.backend import BackendUnavailableError
 from minicnn.checkpoint import load_npz, save_npz
 from minicnn.data import DataError
 from minicnn.inference import predict_proba
+from minicnn.layers.normalization import batchnorm_layers
 from minicnn.metrics import accuracy, log_loss
 
 
@@ -67,6 +68,10 @@ def main(argv=None) -> int:
         minicnn.set_backend(args.backend)
         minicnn.backend.use_heap_allocator()  # CPU: reuse freed activations, no fresh page faults per batch
         model, norm, class_names, meta = open_checkpoint(args.checkpoint)
+        if not batchnorm_layers(model):  # said before the data is loaded and scored
+            print(f"error: {args.checkpoint}: its network ({model.name}) has no BatchNorm "
+                  "layer, so there are no statistics to recalibrate", file=sys.stderr)
+            return 2
         arrays, _ = load_npz(args.checkpoint)  # everything the file holds, to be copied unchanged
         targs = training_args(meta, class_names)
         data_path = resolve_data_path(args.data)

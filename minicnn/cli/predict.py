@@ -16,7 +16,8 @@ FER-2013 (no face detection is done here).
 
 A file that cannot be read (not an image, truncated) is skipped with a
 message on stderr naming it, and the others are still predicted; with --json
-the document lists it under "skipped".
+the document lists it under "skipped" (also when nothing could be predicted:
+"predictions" is then empty).
 
 Output: a table (image, predicted class, probability of every class; with
 --top K the K most probable classes instead), or JSON with --json.
@@ -153,18 +154,18 @@ def main(argv=None) -> int:
         print(f"skipped: {reason}", file=sys.stderr)
     if not images:
         print("error: no image could be read" + (f" ({len(skipped)} skipped)" if skipped else ""), file=sys.stderr)
-        return 2
-    probs = clf.predict_proba(np.stack(images), batch_size=args.batch_size)
-    if args.json:
+    probs = (clf.predict_proba(np.stack(images), batch_size=args.batch_size) if images
+             else np.empty((0, len(clf.class_names))))
+    if args.json:  # a document even when nothing was predicted: "predictions" is empty, "skipped" says why
         doc = to_json(paths, probs, clf.class_names, ckpt, args.top)
         doc["skipped"] = [{"image": str(p), "error": r} for p, r in skipped + missing]
         print(json.dumps(doc, indent=1))
-    else:
+    elif images:
         print(format_table(paths, probs, clf.class_names, args.top))
-    if skipped or missing:
+    if images and (skipped or missing):
         print(f"predicted {len(paths)} images; {len(skipped) + len(missing)} could not be used (see above)",
               file=sys.stderr)
-    return 2 if missing else 1 if skipped else 0
+    return 2 if missing or not images else 1 if skipped else 0
 
 
 if __name__ == "__main__":
