@@ -119,7 +119,9 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--trainer-step", action="store_true",
                    help="also count the Trainer's per-step work (batch gather, HW3 augmentation, running metrics)")
-    p.add_argument("--json", default=None, help="output JSON (default runs/benchmarks/launches_<model>.json; the reference is benchmarks/results/)")
+    p.add_argument("--json", default=None,
+                   help="output JSON (default runs/benchmarks/launches_<model>[_trainer_step].json; "
+                        "the reference is benchmarks/results/)")
     args = p.parse_args(argv)
 
     fakecupy.install()
@@ -144,7 +146,7 @@ def main(argv=None):
           f"{graphed['syncs']} host syncs, {len(graphed['copies'])} host-device copy of "
           f"{sum(n for _, n in graphed['copies'])} bytes (the optimiser's step values)")
     by_op = ledger.by_operation().most_common()
-    out = args.json or default_json_path(f"launches_{args.model}")
+    out = args.json or default_json_path(f"launches_{args.model}" + ("_trainer_step" if args.trainer_step else ""))
     write_json(out, {"benchmark": "launches_per_step", "model": args.model, "batch": args.batch_size,
                      "trainer_step": args.trainer_step, "counted_by": "tests/fakecupy.py (no GPU)",
                      "rows": rows, "syncs": {"generic": g_syncs, "fused": f_syncs},
