@@ -398,6 +398,18 @@ def test_archive_without_images_or_damaged(tmp_path):
         load_fer2013(cut, use_cache=False)
 
 
+@pytest.mark.parametrize("name", ["big.zip", "big.tar.gz"])
+def test_archive_refuses_an_oversized_member_before_reading_it(tmp_path, monkeypatch, name):
+    save_image(tmp_path / "fer" / "happy" / "a.png", random_faces(1)[0])
+    archive = pack(tmp_path / "fer", tmp_path / name, "")
+    size = (tmp_path / "fer" / "happy" / "a.png").stat().st_size
+    monkeypatch.setattr(fer_module, "_MAX_ARCHIVE_MEMBER_BYTES", size - 1)
+    with pytest.raises(DataError, match=rf"{name}:happy/a\.png: an image of {size:,} bytes, more than the {size - 1:,}"):
+        load_fer2013(archive, use_cache=False)
+    monkeypatch.setattr(fer_module, "_MAX_ARCHIVE_MEMBER_BYTES", size)
+    assert len(load_fer2013(archive, use_cache=False)) == 1
+
+
 def test_archive_cache_round_trip_and_invalidation(tmp_path, monkeypatch):
     root = faces_folder(tmp_path / "fer")
     archive = pack(root, tmp_path / "fer.zip", "")

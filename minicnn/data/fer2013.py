@@ -86,6 +86,9 @@ _SPLIT_ALIASES = {
 }
 _PREFIX_RE = re.compile(r"^(Training|PublicTest|PrivateTest)_")
 _DECODE_CHUNK = 512  # images per decoding task
+# An image in an archive larger than this is refused before it is read: FER-2013's are about 1.5 kB, and a
+# member's declared size is what reading it would allocate (a crafted archive cannot exhaust memory).
+_MAX_ARCHIVE_MEMBER_BYTES = 64 * 2**20
 _IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".pgm", ".ppm", ".tif", ".tiff", ".webp"}
 
 
@@ -277,7 +280,7 @@ def load_fer2013(path, cache_dir=None, use_cache: bool | None = None, progress: 
     Raises:
         DataError: the path does not exist, a CSV lacks the expected columns or
             has a bad row, a folder is not a known class, an image cannot be
-            decoded, an archive is damaged, or the source holds no images.
+            decoded, an archive is damaged or holds an image of over 64 MiB, or the source holds no images.
     """
     p = Path(path).expanduser()
     if not p.exists():
@@ -572,18 +575,25 @@ def _read_archive(p: Path) -> dict[str, bytes]:
         parts = name.strip("/").split("/")
         return _is_image(parts[-1]) and all(_visible(part) for part in parts[:-1])
 
+    def check_size(name, size):
+        if size > _MAX_ARCHIVE_MEMBER_BYTES:
+            raise DataError(f"{p}:{name}: an image of {size:,} bytes, more than the {_MAX_ARCHIVE_MEMBER_BYTES:,} "
+                            "an image in an archive may have; not read")
+
     files = {}
     try:
         if zipfile.is_zipfile(p):
             with zipfile.ZipFile(p) as zf:
                 for info in zf.infolist():
                     if not info.is_dir() and wanted(info.filename):
+                        check_size(info.filename, info.file_size)  # zipfile reads no more than the declared size
                         files[info.filename.strip("/")] = zf.read(info)
         else:
             with tarfile.open(p) as tf:  # "r:*": any compression
                 for member in tf:
                     name = member.name.removeprefix("./")
                     if member.isfile() and wanted(name):
+                        check_size(name, member.size)
                         files[name.strip("/")] = tf.extractfile(member).read()
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:  # lzma/zlib errors are OSErrors
         raise DataError(f"{p}: damaged archive ({type(exc).__name__}: {exc})") from exc
