@@ -284,7 +284,8 @@ def load_fer2013(path, cache_dir=None, use_cache: bool | None = None, progress: 
     """
     p = Path(path).expanduser()
     if not p.exists():
-        raise DataError(f"{p}: no such file or directory (expected fer2013.csv, icml_face_data.csv, an image folder or a zip/tar of one)")
+        raise DataError(f"{p}: no such file or directory (expected fer2013.csv, icml_face_data.csv, "
+                        "an image folder or a zip/tar of one)")
     p = p.resolve()
     if p.is_dir():
         entries = _discover_images(p)  # cheap; also validates the layout
