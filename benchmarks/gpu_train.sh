@@ -13,7 +13,7 @@
 # best.npz without optimiser state, history.json, travel.json), beside train.log and gpu_train.json
 # (device, versions, exit status, seconds, epochs). At most 7 files, none over 15 MiB.
 #
-# FER2013_DATA: a folder, or a .tar.xz of benchmarks/fer_subset.py (unpacked to a temporary folder).
+# FER2013_DATA: a folder, or a .tar.xz of benchmarks/fer_subset.py (train.py reads archives as they are).
 # Training only is enough (--test-fraction 0: 33.0 MiB): PublicTest is evaluated on this machine, once,
 # when the run has ended. Back here:
 #   python benchmarks/travel.py unpack FILES_AT RUN_DIR     # then, before the next session:
@@ -35,10 +35,6 @@ BACKEND="${GPU_TRAIN_BACKEND:-cupy}"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 DATA="${FER2013_DATA:?set FER2013_DATA to a FER-2013 folder or a .tar.xz of benchmarks/fer_subset.py}"
-if [[ "$DATA" == *.tar.xz ]]; then
-  mkdir -p "$WORK/fer2013" && tar -xJf "$DATA" -C "$WORK/fer2013" || { echo "cannot unpack $DATA" >&2; exit 2; }
-  DATA="$WORK/fer2013"
-fi
 
 : > "$OUT/train.log"
 if [ ! -f "$RUN/last.npz" ] && [ -f "$RUN/last.npz.packed" ]; then

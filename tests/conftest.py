@@ -22,11 +22,13 @@ def _real_cupy():
     if sys.modules.get("cupy") is fakecupy:
         return None
     try:
-        return minicnn.backend._import_cupy()
+        module = minicnn.backend._import_cupy()
     except minicnn.backend.BackendUnavailableError as exc:
         if DEVICE == "cupy":
             pytest.fail(f"MINICNN_TEST_DEVICE=cupy, but CuPy is not usable here: {exc}")
         return None
+    # `import cupy` may itself give the stand-in (tests/standin on PYTHONPATH: gpu_suite.sh's dry run)
+    return None if module is fakecupy else module
 
 
 @pytest.fixture(autouse=True)
@@ -68,10 +70,11 @@ def float64():
 
 @pytest.fixture
 def fer2013_path():
-    """Path of the real FER-2013 image folders, or skip (CI sets FER2013_DATA)."""
+    """Path of the real FER-2013 (its image folders, or a zip/tar of them), or skip (CI sets FER2013_DATA)."""
     path = os.environ.get("FER2013_DATA")
-    if not path or not os.path.isdir(path):
-        pytest.skip("FER2013_DATA is not set to the FER-2013 folder (train/<class>/*.jpg, test/<class>/*.jpg)")
+    if not path or not os.path.exists(path):
+        pytest.skip("FER2013_DATA is not set to FER-2013 (the folder with train/<class>/*.jpg and "
+                    "test/<class>/*.jpg, or a zip/tar of it)")
     return path
 
 

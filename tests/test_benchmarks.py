@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -314,3 +315,13 @@ def test_the_sass_count_compiles_each_index_path_alone():
                 "__global__")[1] and "if (fits_int" not in alone
     with pytest.raises(ValueError, match="dispatch"):
         sass_count.one_path(kernels.KERNELS["minicnn_bn_stats_float"].code("float"), "int")
+
+
+def test_the_gpu_suites_stage_limits_fit_one_device_call():
+    """gpu_suite.sh promises to end within 10 minutes, the most one device call may run: its stages' limits say so."""
+    script = (Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_suite.sh").read_text()
+    limits = {m.group(1): int(m.group(2)) for m in re.finditer(r"^\s*stage (\w+) (\d+) ", script, flags=re.MULTILINE)}
+    assert set(limits) == {"environment", "gpu_tests", "train_step", "train_step_deep", "train_step_compile", "layers",
+                           "epoch", "cli_fer", "fer_train"}
+    total = sum(limits.values())
+    assert total <= 580 and f"the stages' own time limits add up to {total} s" in script, limits

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +93,11 @@ def test_a_run_travels_back_resumes_from_last_npz_alone_and_is_evaluated_here(da
     device2 = tmp_path / "device2"
     device2.mkdir()
     shutil.copyfile(local / "last.npz.packed", device2 / "last.npz.packed")
-    second = gpu_train(tmp_path / "out2", device2, 600, train_only, "--epochs", "3", cache=cache)
+    # ... and Training as the .tar.xz that travels (read as it is): the same images, so the same fingerprint.
+    archive = tmp_path / "fer2013_train.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(train_only / "train", arcname="train")
+    second = gpu_train(tmp_path / "out2", device2, 600, archive, "--epochs", "3", cache=cache)
     assert second["mode"] == "resume" and second["epochs_done"] == 3
     log = (tmp_path / "out2" / "train.log").read_text()
     assert "expanded" in log and "SHA-256 checked" in log
