@@ -11,8 +11,8 @@ xz-compressed tar archive instead of a folder: the files inside are byte-identic
 originals, but the JPEG headers that every 48x48 file repeats (about a third of its bytes)
 compress away across files, so all of FER-2013 (48.5 MiB of JPEGs) packs into 37.3 MiB. The
 archive is reproducible: sorted names, no owners, mtime 0, so the same images give the same
-bytes (its SHA-256 is printed). Unpack it with ``tar -xJf data/fer2013.tar.xz -C DIR``
-(``benchmarks/gpu_suite.sh`` does so when ``FER2013_DATA`` names such a file).
+bytes (its SHA-256 is printed). minicnn reads it as it is (``--data data/fer2013.tar.xz``,
+``FER2013_DATA=data/fer2013.tar.xz``); ``tar -xJf data/fer2013.tar.xz -C DIR`` unpacks it.
 ``data/`` is ignored by git: never commit the images.
 """
 from __future__ import annotations

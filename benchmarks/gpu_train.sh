@@ -32,9 +32,8 @@ cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 BACKEND="${GPU_TRAIN_BACKEND:-cupy}"
-WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
 DATA="${FER2013_DATA:?set FER2013_DATA to a FER-2013 folder or a .tar.xz of benchmarks/fer_subset.py}"
+[ -e "$DATA" ] || { echo "FER2013_DATA=$DATA: no such file or folder" >&2; exit 2; }
 
 : > "$OUT/train.log"
 if [ ! -f "$RUN/last.npz" ] && [ -f "$RUN/last.npz.packed" ]; then

@@ -27,8 +27,12 @@ def _real_cupy():
         if DEVICE == "cupy":
             pytest.fail(f"MINICNN_TEST_DEVICE=cupy, but CuPy is not usable here: {exc}")
         return None
-    # `import cupy` may itself give the stand-in (tests/standin on PYTHONPATH: gpu_suite.sh's dry run)
-    return None if module is fakecupy else module
+    if module is fakecupy:  # `import cupy` gave the stand-in (tests/standin on PYTHONPATH: gpu_suite.sh's dry run)
+        if DEVICE == "cupy":
+            pytest.fail("MINICNN_TEST_DEVICE=cupy, but `import cupy` gives the stand-in "
+                        "(tests/standin is on PYTHONPATH)")
+        return None
+    return module
 
 
 @pytest.fixture(autouse=True)
@@ -73,6 +77,8 @@ def fer2013_path():
     """Path of the real FER-2013 (its image folders, or a zip/tar of them), or skip (CI sets FER2013_DATA)."""
     path = os.environ.get("FER2013_DATA")
     if not path or not os.path.exists(path):
+        if os.environ.get("MINICNN_REQUIRE_FER2013") == "1":  # benchmarks/gpu_suite.sh: a skip would pass unseen
+            pytest.fail(f"MINICNN_REQUIRE_FER2013=1, but FER2013_DATA={path!r} does not exist")
         pytest.skip("FER2013_DATA is not set to FER-2013 (the folder with train/<class>/*.jpg and "
                     "test/<class>/*.jpg, or a zip/tar of it)")
     return path

@@ -324,4 +324,7 @@ def test_the_gpu_suites_stage_limits_fit_one_device_call():
     assert set(limits) == {"environment", "gpu_tests", "train_step", "train_step_deep", "train_step_compile", "layers",
                            "epoch", "cli_fer", "fer_train"}
     total = sum(limits.values())
-    assert total <= 580 and f"the stages' own time limits add up to {total} s" in script, limits
+    kill_after = int(re.search(r"timeout --kill-after=(\d+) ", script).group(1))
+    # each stage may outlive its limit by kill_after; the merge and summary steps take a few seconds
+    assert total + kill_after * len(limits) <= 590, (limits, kill_after)
+    assert f"the stages' own time limits add up to {total} s" in script

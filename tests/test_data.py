@@ -5,7 +5,11 @@ folder is read only when ``FER2013_DATA`` points at it.
 """
 from __future__ import annotations
 
+import io
 import os
+import re
+import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -337,11 +341,8 @@ def faces_folder(root):
 
 def pack(root, archive, arcname):
     """``root`` packed as ``archive`` (.zip or a tar with any compression), its paths under ``arcname``."""
-    import tarfile  # noqa: PLC0415
-    import zipfile  # noqa: PLC0415
-
     if archive.suffix == ".zip":
-        with zipfile.ZipFile(archive, "w") as zf:
+        with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for path in sorted(root.rglob("*")):
                 zf.write(path, (Path(arcname) / path.relative_to(root)).as_posix())
     else:
@@ -349,6 +350,20 @@ def pack(root, archive, arcname):
         with tarfile.open(archive, mode) as tf:
             tf.add(root, arcname=arcname)
     return archive
+
+
+def zip_of(archive, members: dict):
+    """A zip written member by member: ``{name as stored: bytes}``."""
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return archive
+
+
+def png_bytes(face):
+    buf = io.BytesIO()
+    Image.fromarray(face).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 @pytest.mark.parametrize("name, arcname", [("archive.zip", ""), ("fer.tar", "."), ("fer.tar.gz", "fer2013"),
@@ -361,16 +376,51 @@ def test_archive_loads_as_its_folder(tmp_path, name, arcname):
     assert len(load_fer2013(archive, use_cache=False)) == 6
 
 
-def test_archive_of_class_folders_takes_the_usage_of_its_wrapper(tmp_path):
+def test_archive_of_class_folders_is_training_and_a_split_inside_a_wrapper_keeps_its_usage(tmp_path):
     faces = random_faces(2, seed=4)
     save_image(tmp_path / "test" / "happy" / "a.png", faces[0])
     save_image(tmp_path / "test" / "sad" / "b.png", faces[1])
     ds = load_fer2013(pack(tmp_path / "test", tmp_path / "t.zip", "faces/test"), use_cache=False)
     assert ds.usage.tolist() == ["PublicTest", "PublicTest"] and ds.labels.tolist() == [3, 4]
     np.testing.assert_array_equal(ds.images, faces)
-    # Without the wrapper the class folders are at the top: Training.
-    ds = load_fer2013(pack(tmp_path / "test", tmp_path / "top.zip", ""), use_cache=False)
-    assert ds.usage.tolist() == ["Training", "Training"]
+    # Class folders at the top, or in a wrapper that names no split: Training.
+    for name, arcname in (("top.zip", ""), ("wrapped.zip", "faces")):
+        ds = load_fer2013(pack(tmp_path / "test", tmp_path / name, arcname), use_cache=False)
+        assert ds.usage.tolist() == ["Training", "Training"] and ds.labels.tolist() == [3, 4]
+
+
+def test_archive_member_paths_are_read_in_any_spelling(tmp_path):
+    faces = random_faces(3, seed=5)
+    # "./" and "//" (some zip tools), backslashes (old Windows zips), a stray image beside the wrapper folder
+    archive = zip_of(tmp_path / "odd.zip", {"./fer2013/train/happy/a.png": png_bytes(faces[0]),
+                                            "fer2013\\train\\sad\\b.png": png_bytes(faces[1]),
+                                            "fer2013//test/fear/c.png": png_bytes(faces[2]),
+                                            "preview.png": png_bytes(faces[0])})
+    ds = load_fer2013(archive, use_cache=False)
+    assert ds.labels.tolist() == [3, 4, 2] and ds.usage.tolist() == ["Training", "Training", "PublicTest"]
+    np.testing.assert_array_equal(ds.images, faces)
+    twice = zip_of(tmp_path / "twice.zip", {"train/happy/a.png": png_bytes(faces[0]),
+                                            "./train/happy/a.png": png_bytes(faces[1])})
+    with pytest.raises(DataError, match=r"twice\.zip: holds 'train/happy/a\.png' twice"):
+        load_fer2013(twice, use_cache=False)
+
+
+def test_tar_links_are_followed_as_the_folder_reader_follows_them(tmp_path):
+    root = tmp_path / "fer"
+    faces = random_faces(2, seed=6)
+    save_image(root / "train" / "happy" / "a.png", faces[0])
+    save_image(root / "train" / "sad" / "b.png", faces[1])
+    os.link(root / "train" / "happy" / "a.png", root / "train" / "happy" / "hard.png")
+    os.symlink("../sad/b.png", root / "train" / "happy" / "soft.png")
+    archive = pack(root, tmp_path / "links.tar.gz", "")
+    ds = load_fer2013(archive, use_cache=False)
+    _assert_same(ds, load_fer2013(root, use_cache=False))
+    assert len(ds) == 4
+    (root / "train" / "sad" / "b.png").unlink()  # the symbolic link now points at nothing: named, not skipped
+    (root / "train" / "happy" / "soft.png").unlink()
+    os.symlink("../sad/gone.png", root / "train" / "happy" / "soft.png")
+    with pytest.raises(DataError, match=r"dangling\.tar:train/happy/soft\.png: a link to '\.\./sad/gone\.png'"):
+        load_fer2013(pack(root, tmp_path / "dangling.tar", ""), use_cache=False)
 
 
 def test_archive_errors_name_the_member(tmp_path):
@@ -383,32 +433,77 @@ def test_archive_errors_name_the_member(tmp_path):
     save_image(root / "train" / "bored" / "b.png", random_faces(1)[0])
     with pytest.raises(DataError, match=r"bored\.tar\.gz:train/bored: unknown class folder 'bored'"):
         load_fer2013(pack(root, tmp_path / "bored.tar.gz", ""), use_cache=False)
+    # a folder of other files next to the split folders: refused, as on disk
+    (root / "train" / "bored" / "b.png").unlink()
+    (root / "train" / "bored").rmdir()
+    (root / "docs").mkdir()
+    (root / "docs" / "README.txt").write_text("about")
+    with pytest.raises(DataError, match=r"unexpected folder 'docs' next to split folders"):
+        load_fer2013(root, use_cache=False)
+    with pytest.raises(DataError, match=r"docs\.zip:docs: unexpected folder 'docs' next to split folders"):
+        load_fer2013(pack(root, tmp_path / "docs.zip", ""), use_cache=False)
 
 
-def test_archive_without_images_or_damaged(tmp_path):
+def test_archive_without_images_says_so_and_a_zipped_csv_is_read(tmp_path):
     (tmp_path / "empty" / "train" / "happy").mkdir(parents=True)
     (tmp_path / "empty" / "train" / "happy" / "readme.txt").write_text("nothing here")
-    with pytest.raises(DataError, match=r"empty\.zip: folder has no class or split"):
+    with pytest.raises(DataError, match=r"empty\.zip: an archive with no image files in it .* 3 other entries"):
         load_fer2013(pack(tmp_path / "empty", tmp_path / "empty.zip", ""), use_cache=False)
-    save_image(tmp_path / "one" / "happy" / "a.png", random_faces(1)[0])
-    whole = pack(tmp_path / "one", tmp_path / "one.tar.xz", "").read_bytes()
-    cut = tmp_path / "cut.tar.xz"
-    cut.write_bytes(whole[: len(whole) // 2])  # still starts like a tar.xz, ends too soon
-    with pytest.raises(DataError, match=r"cut\.tar\.xz: damaged archive"):
-        load_fer2013(cut, use_cache=False)
+    path, images, labels, usages = small_csv(tmp_path, n=5)
+    for name in ("fer2013.zip", "fer2013.tar.gz"):
+        archive = tmp_path / name
+        if name.endswith(".zip"):
+            zip_of(archive, {"fer2013.csv": path.read_bytes()})
+        else:
+            with tarfile.open(archive, "w:gz") as tf:
+                tf.add(path, arcname="fer2013.csv")
+        ds = load_fer2013(archive, use_cache=False)
+        np.testing.assert_array_equal(ds.images, images)
+        assert ds.labels.tolist() == labels.tolist() and ds.usage.tolist() == usages.tolist()
+
+
+def test_damaged_or_unreadable_archives_are_named(tmp_path, monkeypatch):
+    root = faces_folder(tmp_path / "fer")
+    cases = []
+    for name in ("fer.tar.xz", "fer.zip", "fer.tar.gz"):
+        whole = pack(root, tmp_path / f"whole_{name}", "").read_bytes()
+        cut = tmp_path / f"cut_{name}"
+        cut.write_bytes(whole[: len(whole) // 2])  # still starts like its kind, ends too soon
+        cases.append(cut)
+        flipped = bytearray(whole)
+        for i in range(len(whole) // 3, len(whole) // 3 + 64):  # garbage in the middle of the compressed data
+            flipped[i] ^= 0x5A
+        bad = tmp_path / f"bad_{name}"
+        bad.write_bytes(bytes(flipped))
+        cases.append(bad)
+    for archive in cases:
+        with pytest.raises(DataError, match=rf"{re.escape(archive.name)}(: damaged archive|:\S+: cannot read image)"):
+            load_fer2013(archive, use_cache=False)
+    # what zipfile cannot open (an encrypted member here) is named, with what to do
+    def encrypted(self, *args, **kwargs):
+        raise RuntimeError("File 'train/angry/Training_1.png' is encrypted, password required for extraction")
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", encrypted)
+    with pytest.raises(DataError, match=r"whole_fer\.zip: an archive this reader cannot open .* pass the folder"):
+        load_fer2013(tmp_path / "whole_fer.zip", use_cache=False)
 
 
 @pytest.mark.parametrize("name", ["big.zip", "big.tar.gz"])
-def test_archive_refuses_an_oversized_member_before_reading_it(tmp_path, monkeypatch, name):
+def test_archive_refuses_an_oversized_member_or_total_before_reading_it_all(tmp_path, monkeypatch, name):
     save_image(tmp_path / "fer" / "happy" / "a.png", random_faces(1)[0])
+    save_image(tmp_path / "fer" / "happy" / "b.png", random_faces(1, seed=1)[0])
     archive = pack(tmp_path / "fer", tmp_path / name, "")
     size = (tmp_path / "fer" / "happy" / "a.png").stat().st_size
     monkeypatch.setattr(fer_module, "_MAX_ARCHIVE_MEMBER_BYTES", size - 1)
-    expected = rf"{name}:happy/a\.png: an image of {size:,} bytes, more than the {size - 1:,} "
+    expected = rf"{name}:happy/a\.png: an image of more than {size - 1:,} bytes"
     with pytest.raises(DataError, match=expected):
         load_fer2013(archive, use_cache=False)
-    monkeypatch.setattr(fer_module, "_MAX_ARCHIVE_MEMBER_BYTES", size)
-    assert len(load_fer2013(archive, use_cache=False)) == 1
+    monkeypatch.setattr(fer_module, "_MAX_ARCHIVE_MEMBER_BYTES", size + 10)
+    monkeypatch.setattr(fer_module, "_MAX_ARCHIVE_TOTAL_BYTES", size + 10)
+    with pytest.raises(DataError, match=rf"{name}: its images add up to more than {size + 10:,} bytes \(at happy/b"):
+        load_fer2013(archive, use_cache=False)
+    monkeypatch.setattr(fer_module, "_MAX_ARCHIVE_TOTAL_BYTES", 4 * size)
+    assert len(load_fer2013(archive, use_cache=False)) == 2
 
 
 def test_archive_cache_round_trip_and_invalidation(tmp_path, monkeypatch):

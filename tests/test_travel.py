@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ def _load(name):
 
 
 travel = _load("travel")
+fer_subset = _load("fer_subset")
 CLASSES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
 
 
@@ -95,8 +95,8 @@ def test_a_run_travels_back_resumes_from_last_npz_alone_and_is_evaluated_here(da
     shutil.copyfile(local / "last.npz.packed", device2 / "last.npz.packed")
     # ... and Training as the .tar.xz that travels (read as it is): the same images, so the same fingerprint.
     archive = tmp_path / "fer2013_train.tar.xz"
-    with tarfile.open(archive, "w:xz") as tar:
-        tar.add(train_only / "train", arcname="train")
+    fer_subset.pack_archive([(path, path.relative_to(train_only).as_posix())
+                             for path in sorted((train_only / "train").rglob("*.png"))], archive)
     second = gpu_train(tmp_path / "out2", device2, 600, archive, "--epochs", "3", cache=cache)
     assert second["mode"] == "resume" and second["epochs_done"] == 3
     log = (tmp_path / "out2" / "train.log").read_text()
@@ -306,3 +306,11 @@ def test_a_damaged_packed_file_is_refused_by_name(packed, tmp_path, damage, mess
     assert sorted(p.name for p in device.iterdir()) == ["last.npz.packed"]  # nothing half-written
     assert travel.main(["expand", str(device)]) == 2
     assert "travel.py: " in capsys.readouterr().err
+
+
+def test_a_missing_data_path_stops_the_session_before_anything_runs(tmp_path):
+    env = dict(os.environ, FER2013_DATA=str(tmp_path / "typo.tar.xz"), GPU_TRAIN_BACKEND="numpy", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_train.sh"), str(tmp_path / "out"),
+                           str(tmp_path / "run"), "60"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and f"FER2013_DATA={tmp_path / 'typo.tar.xz'}: no such file or folder" in proc.stderr
+    assert not (tmp_path / "out" / "gpu_train.json").exists()

@@ -76,7 +76,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=str(PRETRAINED),
                    help=f"checkpoint written by train.py (default {PRETRAINED})")
-    p.add_argument("--data", help="FER-2013 folder or CSV (default: $FER2013_DATA, ./data/fer2013, ./data/fer2013.csv)")
+    p.add_argument("--data", help="FER-2013: its folder, a zip/tar of it, or its CSV "
+                                  "(default: $FER2013_DATA, ./data/fer2013, ./data/fer2013.csv)")
     p.add_argument("--split", choices=SPLITS, default="test",
                    help="test = PublicTest (default); privatetest = PrivateTest; "
                         "val / train = Training as train.py split it")

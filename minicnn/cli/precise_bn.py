@@ -41,7 +41,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint written by train.py")
     p.add_argument("--out", required=True, help="where to write the recalibrated checkpoint (not the source)")
-    p.add_argument("--data", help="FER-2013 folder or CSV (default: $FER2013_DATA, ./data/fer2013, ./data/fer2013.csv)")
+    p.add_argument("--data", help="FER-2013: its folder, a zip/tar of it, or its CSV "
+                                  "(default: $FER2013_DATA, ./data/fer2013, ./data/fer2013.csv)")
     p.add_argument("--batch-size", type=int, default=256,
                    help="images per batch whose statistics are averaged (default 256)")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")

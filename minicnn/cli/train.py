@@ -147,7 +147,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
     p.add_argument("--model", choices=sorted(MODELS), default="hw3_cnn")
-    p.add_argument("--data", help="FER-2013 folder or CSV (default: $FER2013_DATA, ./data/fer2013, ./data/fer2013.csv)")
+    p.add_argument("--data", help="FER-2013: its folder, a zip/tar of it, or its CSV "
+                                  "(default: $FER2013_DATA, ./data/fer2013, ./data/fer2013.csv)")
     p.add_argument("--out", default="runs/fer2013", help="folder for checkpoints, history and metrics")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in a non-empty --out, removing the previous run's checkpoints and history")

@@ -10,7 +10,8 @@ expressions. It circulates in three forms, all read by :func:`load_fer2013`:
 * An image folder (Kaggle ``msambare/fer2013``): ``train/<class>/*.jpg`` and
   ``test/<class>/*.jpg``, or a root holding the class folders directly; also
   packed in a zip or tar file (Kaggle's ``archive.zip`` as downloaded, or the
-  ``.tar.xz`` of ``benchmarks/fer_subset.py``), read without unpacking it.
+  ``.tar.xz`` of ``benchmarks/fer_subset.py``), read without unpacking it; an
+  archive whose only entry is one of the CSVs is read as that CSV.
 
 Everything comes back as a :class:`FERDataset` of ``uint8`` images
 ``(N, 48, 48)``, ``int64`` labels in the standard FER-2013 order
@@ -27,12 +28,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import lzma
 import os
+import posixpath
 import re
 import tarfile
 import tempfile
 import warnings
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,9 +90,10 @@ _SPLIT_ALIASES = {
 }
 _PREFIX_RE = re.compile(r"^(Training|PublicTest|PrivateTest)_")
 _DECODE_CHUNK = 512  # images per decoding task
-# An image in an archive larger than this is refused before it is read: FER-2013's are about 1.5 kB, and a
-# member's declared size is what reading it would allocate (a crafted archive cannot exhaust memory).
+# What an archive's images may hold, read at most one byte further: FER-2013's are about 1.5 kB each and
+# 50 MB in all, and a crafted archive (a member of zeros expands a thousandfold) must not exhaust memory.
 _MAX_ARCHIVE_MEMBER_BYTES = 64 * 2**20
+_MAX_ARCHIVE_TOTAL_BYTES = 2**30
 _IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".pgm", ".ppm", ".tif", ".tiff", ".webp"}
 
 
@@ -254,8 +259,8 @@ def load_fer2013(path, cache_dir=None, use_cache: bool | None = None, progress: 
         path: ``fer2013.csv``, ``icml_face_data.csv``, an image-folder root
             (``<root>/{train,test,val}/<class>/*`` or ``<root>/<class>/*``), or a
             zip or tar file (``.tar.gz``, ``.tar.xz``, ``.tar.bz2`` too) holding such a
-            tree, recognised by its content; folders that wrap the tree in the
-            archive (``fer2013/train/...``) are stepped into.
+            tree (or only a CSV), recognised by its content; folders that wrap the
+            tree in the archive (``fer2013/train/...``) are stepped into.
         cache_dir: where decoded arrays are kept (default :func:`default_cache_dir`).
         use_cache: read and write the cache; ``False`` always decodes the source; None (default):
             unless ``$MINICNN_CACHE`` is ``off`` (:func:`cache_enabled`).
@@ -561,65 +566,128 @@ def _load_image_folder(root: Path, entries, progress: bool) -> FERDataset:
     return _dataset(entries, _decode_all(files, files, progress))
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _is_zip(p: Path) -> bool:
+    """A zip by its end record, or by its first bytes (a truncated download has no end record)."""
+    if zipfile.is_zipfile(p):
+        return True
+    with open(p, "rb") as fh:
+        return fh.read(4) == _ZIP_MAGIC
+
+
 def _is_archive(p: Path) -> bool:
     """A zip or tar file (tar.gz, tar.xz, tar.bz2 too), recognised by its content, not its name."""
-    return zipfile.is_zipfile(p) or tarfile.is_tarfile(p)
+    return _is_zip(p) or tarfile.is_tarfile(p)
 
 
-def _read_archive(p: Path) -> dict[str, bytes]:
-    """``{path in the archive: bytes}`` of every visible image file, read in one pass.
+def _member_path(name: str) -> str:
+    """An archive member's path, one spelling for zip and tar: "/" separators (old Windows zips write
+    backslashes), no "." or empty parts, no leading "/"; ``..`` parts resolved (nothing is extracted)."""
+    return posixpath.normpath("/" + name.replace("\\", "/")).lstrip("/")
 
-    One pass because a compressed tar can only be read front to back; FER-2013's
-    JPEGs are about 50 MB, so holding them all is cheap.
+
+def _read_archive(p: Path) -> tuple[dict[str, bytes], list[str]]:
+    """``({path: bytes} of every visible image file, [every visible member path])``, read in one pass.
+
+    One pass because a compressed tar can only be read front to back; FER-2013's JPEGs are
+    about 50 MB, so holding them all is cheap. Each image is read at most one byte past
+    ``_MAX_ARCHIVE_MEMBER_BYTES``, and all of them together at most ``_MAX_ARCHIVE_TOTAL_BYTES``.
+    Tar links are followed, as the folder reader follows symbolic links.
     """
-    def wanted(name):
-        parts = name.strip("/").split("/")
-        return _is_image(parts[-1]) and all(_visible(part) for part in parts[:-1])
+    images, paths = {}, []
+    total = 0
 
-    def check_size(name, size):
-        if size > _MAX_ARCHIVE_MEMBER_BYTES:
-            raise DataError(f"{p}:{name}: an image of {size:,} bytes, more than the {_MAX_ARCHIVE_MEMBER_BYTES:,} "
+    def visible(path):
+        return path and all(_visible(part) for part in path.split("/"))
+
+    def take(path, open_member=None):
+        """Note a member (a folder when ``open_member`` is None); read it if it is an image."""
+        nonlocal total
+        if not visible(path):
+            return
+        if open_member is None:
+            paths.append(path + "/")
+            return
+        paths.append(path)
+        if not _is_image(path.rpartition("/")[2]):
+            return
+        if path in images:
+            raise DataError(f"{p}: holds {path!r} twice; which one is the image?")
+        with open_member() as fh:
+            data = fh.read(_MAX_ARCHIVE_MEMBER_BYTES + 1)
+        if len(data) > _MAX_ARCHIVE_MEMBER_BYTES:
+            raise DataError(f"{p}:{path}: an image of more than {_MAX_ARCHIVE_MEMBER_BYTES:,} bytes, more than "
                             "an image in an archive may have; not read")
+        total += len(data)
+        if total > _MAX_ARCHIVE_TOTAL_BYTES:
+            raise DataError(f"{p}: its images add up to more than {_MAX_ARCHIVE_TOTAL_BYTES:,} bytes "
+                            f"(at {path}), far more than FER-2013's 50 MB; not read further")
+        images[path] = data
 
-    files = {}
     try:
-        if zipfile.is_zipfile(p):
+        if _is_zip(p):
             with zipfile.ZipFile(p) as zf:
                 for info in zf.infolist():
-                    if not info.is_dir() and wanted(info.filename):
-                        check_size(info.filename, info.file_size)  # zipfile reads no more than the declared size
-                        files[info.filename.strip("/")] = zf.read(info)
+                    path = _member_path(info.filename)
+                    take(path, None if info.is_dir() else lambda info=info: zf.open(info))
         else:
             with tarfile.open(p) as tf:  # "r:*": any compression
                 for member in tf:
-                    name = member.name.removeprefix("./")
-                    if member.isfile() and wanted(name):
-                        check_size(name, member.size)
-                        files[name.strip("/")] = tf.extractfile(member).read()
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:  # lzma/zlib errors are OSErrors
+                    path = _member_path(member.name)
+                    if member.isdir():
+                        take(path)
+                    elif member.isfile() or member.islnk() or member.issym():
+                        take(path, lambda member=member: _tar_member(tf, member, p))
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
         raise DataError(f"{p}: damaged archive ({type(exc).__name__}: {exc})") from exc
-    return files
+    except (NotImplementedError, RuntimeError) as exc:  # zipfile: Deflate64, encrypted members
+        raise DataError(f"{p}: an archive this reader cannot open ({exc}); unpack it and pass the folder") from exc
+    return images, paths
+
+
+def _tar_member(tf, member, p):
+    """A tar member's file object; a link is resolved to its target (``extractfile`` does that)."""
+    try:
+        fh = tf.extractfile(member)
+    except KeyError:
+        fh = None
+    if fh is None:
+        raise DataError(f"{p}:{member.name}: a link to {member.linkname!r}, which the archive does not hold")
+    return fh
 
 
 def _load_archive(p: Path, progress: bool) -> FERDataset:
     """An image-folder tree packed in a zip or tar file, e.g. Kaggle's ``archive.zip`` as downloaded.
 
-    The tree is read from the member paths. Folders that wrap it (``fer2013/train/...``)
-    are descended while a level holds one folder, no images, and is neither a split
-    nor a class. Errors name the member as ``ARCHIVE:PATH``.
+    The tree is read from the member paths, with the folder reader's rules (:func:`_layout_entries`).
+    Folders that wrap it (``fer2013/train/...``) are stepped into while a level holds a single
+    folder that is neither a split nor a class; so the root's own name never names a split here.
+    An archive without images that holds one CSV (a zipped ``fer2013.csv``) is read as that CSV.
+    Errors name the member as ``ARCHIVE:PATH``.
     """
-    files = _read_archive(p)
+    files, paths = _read_archive(p)
+    if not files:
+        csvs = [path for path in paths if path.lower().endswith(".csv")]
+        if len(csvs) == 1 and len(paths) == 1:
+            return _load_csv(p)  # pandas reads a zip or tar of one file
+        raise DataError(f"{p}: an archive with no image files in it (looked for {sorted(_IMAGE_EXTENSIONS)}); it "
+                        f"holds {len(paths)} other entries" + (f", e.g. {paths[0]}" if paths else "") +
+                        " (a zipped CSV is read when it is the archive's only entry)")
     folders: dict[str, set] = {}
     images_in: dict[str, list] = {}
+    for path in paths:
+        parts = path.rstrip("/").split("/")
+        folder_parts = parts if path.endswith("/") else parts[:-1]
+        for i, part in enumerate(folder_parts):
+            folders.setdefault("/".join(folder_parts[:i]), set()).add(part)
     for path in files:
         head, _, name = path.rpartition("/")
         images_in.setdefault(head, []).append((name, None))
-        parts = head.split("/") if head else []
-        for i, part in enumerate(parts):
-            folders.setdefault("/".join(parts[:i]), set()).add(part)
 
     prefix = ""
-    while not images_in.get(prefix) and len(folders.get(prefix, ())) == 1:
+    while len(folders.get(prefix, ())) == 1:
         (only,) = folders[prefix]
         if only.lower() in _SPLIT_ALIASES or only.lower() in _CLASS_ALIASES:
             break
@@ -629,7 +697,7 @@ def _load_archive(p: Path, progress: bool) -> FERDataset:
         return "/".join(part for part in (prefix, rel) if part)
 
     entries = _layout_entries(
-        prefix.rpartition("/")[2],
+        "",
         lambda rel: sorted(folders.get(full(rel), ())),
         lambda rel: images_in.get(full(rel), []),
         lambda rel: f"{p}:{full(rel)}" if full(rel) else str(p),
