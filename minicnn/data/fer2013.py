@@ -285,7 +285,8 @@ def load_fer2013(path, cache_dir=None, use_cache: bool | None = None, progress: 
     Raises:
         DataError: the path does not exist, a CSV lacks the expected columns or
             has a bad row, a folder is not a known class, an image cannot be
-            decoded, an archive is damaged or holds an image of over 64 MiB, or the source holds no images.
+            decoded, an archive is damaged or its images exceed 64 MiB each or 1 GiB in all, or the
+            source holds no images.
     """
     p = Path(path).expanduser()
     if not p.exists():
@@ -494,9 +495,9 @@ def _discover_images(root: Path):
     def subdirs(rel):
         return sorted(e.name for e in scan(rel) if e.is_dir() and _visible(e.name))
 
-    def files(rel):
-        found = [e for e in scan(rel) if _is_image(e.name) and e.is_file()]
-        return [(e.name, (st.st_size, st.st_mtime_ns)) for e, st in ((e, e.stat()) for e in found)]
+    def files(rel):  # DirEntry.stat() is cached: one system call per file
+        return [(e.name, (e.stat().st_size, e.stat().st_mtime_ns))
+                for e in scan(rel) if _is_image(e.name) and e.is_file()]
 
     return _layout_entries(root.name, subdirs, files, lambda rel: root / rel if rel else root)
 
